@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_CORE_ROW_SPARSE_HPP
+#define PEER_CORE_ROW_SPARSE_HPP
+
+/// \file
+/// RowSparseGrad: the gradient of a row-addressed table, holding only the rows a batch touched.
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "peer/core/error.hpp"
+#include "peer/core/types.hpp"
+
+namespace peer {
+
+/// Rows of a [num_rows, cols] gradient that are not zero: ids strictly ascending, values [size(), cols]
+/// with values row r belonging to ids()[r]. Memory grows with the rows touched, never with num_rows.
+/// Invariant: ids are strictly ascending and each id appears once.
+template <typename Scalar>
+class RowSparseGrad {
+ public:
+  RowSparseGrad() = default;
+  explicit RowSparseGrad(Index cols) : cols_(cols) {}
+
+  Index cols() const { return cols_; }
+  /// Number of stored rows.
+  Index size() const { return static_cast<Index>(ids_.size()); }
+  bool empty() const { return ids_.empty(); }
+  const std::vector<ExpertId>& ids() const { return ids_; }
+
+  MatrixMap<Scalar> values() { return MatrixMap<Scalar>(values_.data(), size(), cols_, Eigen::OuterStride<>(cols_)); }
+  ConstMatrixMap<Scalar> values() const {
+    return ConstMatrixMap<Scalar>(values_.data(), size(), cols_, Eigen::OuterStride<>(cols_));
+  }
+
+  /// The stored row for `id`, or nullptr when the row is zero (not stored). O(log size()).
+  const Scalar* find(ExpertId id) const {
+    const auto it = std::lower_bound(ids_.begin(), ids_.end(), id);
+    if (it == ids_.end() || *it != id) return nullptr;
+    return values_.data() + (it - ids_.begin()) * cols_;
+  }
+
+  /// Drops every row; keeps the allocated memory for the next batch.
+  void clear() {
+    ids_.clear();
+    values_.clear();
+  }
+
+  /// Replaces the content by `ids` (strictly ascending) and returns the [ids.size(), cols] values to fill.
+  MatrixMap<Scalar> reset(const std::vector<ExpertId>& ids) {
+    PEER_ASSERT(std::is_sorted(ids.begin(), ids.end()));
+    ids_ = ids;
+    values_.resize(static_cast<std::size_t>(size() * cols_));
+    return values();
+  }
+
+  /// this += rows: `ids` strictly ascending, `rows` [ids.size(), cols]. Rows already present are added
+  /// elementwise (existing + new, in that order); new ids are inserted in order.
+  void add(const std::vector<ExpertId>& ids, const Scalar* rows) {
+    if (ids.empty()) return;
+    if (empty()) {
+      reset(ids);
+      std::memcpy(values_.data(), rows, values_.size() * sizeof(Scalar));
+      return;
+    }
+    std::vector<ExpertId> merged_ids;
+    std::vector<Scalar> merged;
+    merged_ids.reserve(ids_.size() + ids.size());
+    merged.reserve((ids_.size() + ids.size()) * static_cast<std::size_t>(cols_));
+    std::size_t i = 0, j = 0;
+    const std::size_t c = static_cast<std::size_t>(cols_);
+    while (i < ids_.size() || j < ids.size()) {
+      if (j == ids.size() || (i < ids_.size() && ids_[i] < ids[j])) {
+        merged_ids.push_back(ids_[i]);
+        merged.insert(merged.end(), values_.begin() + i * c, values_.begin() + (i + 1) * c);
+        ++i;
+      } else if (i == ids_.size() || ids[j] < ids_[i]) {
+        merged_ids.push_back(ids[j]);
+        merged.insert(merged.end(), rows + j * c, rows + (j + 1) * c);
+        ++j;
+      } else {
+        merged_ids.push_back(ids_[i]);
+        for (std::size_t e = 0; e < c; ++e) merged.push_back(values_[i * c + e] + rows[j * c + e]);
+        ++i;
+        ++j;
+      }
+    }
+    ids_.swap(merged_ids);
+    values_.swap(merged);
+  }
+
+ private:
+  Index cols_ = 0;
+  std::vector<ExpertId> ids_;
+  std::vector<Scalar> values_;
+};
+
+}  // namespace peer
+
+#endif  // PEER_CORE_ROW_SPARSE_HPP

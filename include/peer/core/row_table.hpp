@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_CORE_ROW_TABLE_HPP
+#define PEER_CORE_ROW_TABLE_HPP
+
+/// \file
+/// Storage of a large row-addressed parameter table (the expert table [N, 2D], a product-key memory's
+/// values). Kernels only ask a table for a pointer to row i, so other storage (bf16 rows, a memory-mapped
+/// file larger than RAM, a pool that grows) can arrive behind this class without touching the kernels.
+
+#include <stdexcept>
+#include <utility>
+
+#include "peer/core/aligned_buffer.hpp"
+#include "peer/core/types.hpp"
+
+namespace peer {
+
+/// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
+template <typename Scalar>
+class RowTable {
+ public:
+  RowTable() = default;
+
+  /// Owned storage, zero-filled.
+  RowTable(Index rows, Index cols) : owned_(rows * cols), data_(owned_.data()), rows_(rows), cols_(cols) {}
+
+  /// A view of `rows * cols` scalars the caller owns and keeps alive (row-major, contiguous rows).
+  static RowTable view(Scalar* data, Index rows, Index cols) {
+    if (data == nullptr && rows * cols > 0) throw std::invalid_argument("RowTable::view: data is null");
+    RowTable t;
+    t.data_ = data;
+    t.rows_ = rows;
+    t.cols_ = cols;
+    return t;
+  }
+
+  RowTable(RowTable&&) noexcept = default;
+  RowTable& operator=(RowTable&&) noexcept = default;
+
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  bool owns_memory() const { return owned_.data() != nullptr; }
+
+  Scalar* row(Index i) { return data_ + i * cols_; }
+  const Scalar* row(Index i) const { return data_ + i * cols_; }
+  Scalar* data() { return data_; }
+  const Scalar* data() const { return data_; }
+
+  MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(data_, rows_, cols_, Eigen::OuterStride<>(cols_)); }
+  ConstMatrixMap<Scalar> matrix() const {
+    return ConstMatrixMap<Scalar>(data_, rows_, cols_, Eigen::OuterStride<>(cols_));
+  }
+
+ private:
+  AlignedBuffer<Scalar> owned_;
+  Scalar* data_ = nullptr;
+  Index rows_ = 0;
+  Index cols_ = 0;
+};
+
+}  // namespace peer
+
+#endif  // PEER_CORE_ROW_TABLE_HPP

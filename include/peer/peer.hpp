@@ -1,0 +1,40 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_PEER_HPP
+#define PEER_PEER_HPP
+
+/// \file
+/// Umbrella header: everything a user of PEER layers needs.
+
+#include "peer/version.hpp"
+
+#include "peer/core/aligned_buffer.hpp"
+#include "peer/core/error.hpp"
+#include "peer/core/gemm.hpp"
+#include "peer/core/gradients.hpp"
+#include "peer/core/key_groups.hpp"
+#include "peer/core/parallel.hpp"
+#include "peer/core/parameter_layout.hpp"
+#include "peer/core/parameters.hpp"
+#include "peer/core/random.hpp"
+#include "peer/core/reduce.hpp"
+#include "peer/core/row_sparse.hpp"
+#include "peer/core/row_table.hpp"
+#include "peer/core/types.hpp"
+
+#include "peer/nn/activation.hpp"
+#include "peer/nn/batch_norm.hpp"
+#include "peer/nn/layer_norm.hpp"
+#include "peer/nn/linear.hpp"
+#include "peer/nn/query_network.hpp"
+
+#include "peer/retrieval/brute_force.hpp"
+#include "peer/retrieval/product_keys.hpp"
+#include "peer/retrieval/top_k.hpp"
+
+#include "peer/experts/single_neuron_experts.hpp"
+
+#include "peer/layers/gating.hpp"
+#include "peer/layers/peer_config.hpp"
+#include "peer/layers/peer_layer.hpp"
+
+#endif  // PEER_PEER_HPP

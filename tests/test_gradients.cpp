@@ -1,0 +1,140 @@
+// Central-difference gradient checks in double of every parameter and input of the PEER layer:
+// L = <y, R> with random R; the selected experts must not change between the two evaluations.
+#include "test_util.hpp"
+
+namespace {
+
+using namespace peer_test;
+
+struct Case {
+  std::string name;
+  peer::PeerConfig config;
+  peer::Mode mode = peer::Mode::kTrain;
+  bool mask = false;
+};
+
+void run_gradient_check(const Case& tc) {
+  SCOPED_TRACE(tc.name);
+  const peer::PeerConfig& c = tc.config;
+  peer::PeerLayer<double> layer(c);
+  auto params = layer.make_parameters(2024);
+  const Index f = c.num_heads * c.key_dim;
+  // Non-trivial norm and bias parameters, so their gradients are exercised away from the identity.
+  if (c.query_bias == peer::Bias::kLearned) params.find("query.bias") = random_matrix<double>(1, f, 1, 0.5);
+  if (c.query_norm != peer::QueryNorm::kNone) {
+    params.find("query.norm.weight") = random_matrix<double>(1, f, 2, 0.5).array() + 1.0;
+    params.find("query.norm.bias") = random_matrix<double>(1, f, 3, 0.5);
+  }
+  if (c.query_norm == peer::QueryNorm::kBatchNorm) {
+    params.find("query.norm.running_mean") = random_matrix<double>(1, f, 4, 0.3);
+    params.find("query.norm.running_var") = random_matrix<double>(1, f, 5, 0.5).array() + 1.0;
+  }
+  const Index b = 7;
+  Mat<double> x = random_matrix<double>(b, c.model_dim, 6);
+  const Mat<double> r = random_matrix<double>(b, c.model_dim, 7);
+  peer::RowMask mask = peer::RowMask::Constant(b, true);
+  mask[1] = mask[4] = false;
+  const peer::RowMask* m = tc.mask ? &mask : nullptr;
+
+  peer::PeerLayer<double>::Cache cache, probe;
+  Mat<double> y(b, c.model_dim);
+  layer.forward(params, x, y, cache, tc.mode, m);
+  auto grads = layer.make_gradients();
+  Mat<double> dx = Mat<double>::Zero(b, c.model_dim);
+  layer.backward(params, cache, r, dx, grads);
+
+  auto loss = [&] {
+    Mat<double> yp(b, c.model_dim);
+    layer.forward(params, x, yp, probe, tc.mode, m);
+    return (yp.array() * r.array()).sum();
+  };
+  auto same = [&] { return probe.ids == cache.ids; };
+
+  GradCheckStats st = check_entries("x", x.data(), x.size(), [&](Index e) { return dx.data()[e]; }, loss, same);
+  EXPECT_GE(st.checked, x.size() * 4 / 5) << "x";
+  for (const auto& spec : layer.layout().dense()) {
+    auto value = params.find(spec.name);
+    auto grad = grads.find_dense(spec.name);
+    st = check_entries(spec.name, value.data(), value.size(), [&](Index e) { return grad.data()[e]; }, loss, same);
+    EXPECT_GE(st.checked, value.size() * 4 / 5) << spec.name;
+  }
+  // Expert table: every entry; rows never selected must be absent from the row-sparse gradient and
+  // have a numerical gradient of zero.
+  auto table = params.find("experts");
+  const auto& g = grads.find_table("experts");
+  const Index cols = 2 * c.model_dim;
+  std::vector<peer::ExpertId> touched(cache.ids.data(), cache.ids.data() + cache.ids.size());
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  EXPECT_EQ(g.ids(), touched);
+  st = check_entries("experts", table.data(), table.size(),
+                     [&](Index e) {
+                       const double* row = g.find(static_cast<peer::ExpertId>(e / cols));
+                       return row == nullptr ? 0.0 : row[e % cols];
+                     },
+                     loss, same);
+  EXPECT_GE(st.checked, table.size() * 4 / 5) << "experts";
+}
+
+peer::PeerConfig base(Index n = 6) { return small_config(6, n, 2, 6, 3, 3); }
+
+TEST(Gradients, EveryActivationAndGatingMode) {
+  for (auto act : {peer::Activation::kReLU, peer::Activation::kGelu, peer::Activation::kGeluTanh,
+                   peer::Activation::kSiLU}) {
+    for (auto gate : {peer::Gating::kSoftmax, peer::Gating::kReLU, peer::Gating::kSigmoid}) {
+      Case tc{std::string(peer::to_string(act)) + "/" + peer::to_string(gate), base()};
+      tc.config.activation = act;
+      tc.config.gating = gate;
+      run_gradient_check(tc);
+    }
+  }
+}
+
+TEST(Gradients, BatchNormTrainingWithMaskAndEvaluation) {
+  Case train{"batch_norm train", base()};
+  run_gradient_check(train);
+  Case masked{"batch_norm train + mask", base()};
+  masked.mask = true;
+  run_gradient_check(masked);
+  Case eval{"batch_norm eval", base()};
+  eval.mode = peer::Mode::kEval;
+  run_gradient_check(eval);
+  Case eval_masked{"batch_norm eval + mask", base()};
+  eval_masked.mode = peer::Mode::kEval;
+  eval_masked.mask = true;
+  run_gradient_check(eval_masked);
+}
+
+TEST(Gradients, LayerNormNoNormBiasAndPerHeadKeys) {
+  Case ln{"layer_norm + bias", base()};
+  ln.config.query_norm = peer::QueryNorm::kLayerNorm;
+  ln.config.query_bias = peer::Bias::kLearned;
+  run_gradient_check(ln);
+  Case none{"no norm + bias", base()};
+  none.config.query_norm = peer::QueryNorm::kNone;
+  none.config.query_bias = peer::Bias::kLearned;
+  run_gradient_check(none);
+  Case per_head{"per-head keys", base()};
+  per_head.config.key_sharing = peer::KeySharing::kPerHead;
+  run_gradient_check(per_head);
+}
+
+TEST(Gradients, TwoHeadsSelectingTheSameExpert) {
+  // N = 9 experts, 4 heads of top 3: every token's heads overlap, so expert rows get several slots.
+  Case tc{"shared experts across heads", small_config(6, 3, 4, 4, 3, 3)};
+  peer::PeerLayer<double> layer(tc.config);
+  auto params = layer.make_parameters(2024);
+  peer::PeerLayer<double>::Cache cache;
+  Mat<double> x = random_matrix<double>(7, 6, 6), y(7, 6);
+  layer.forward(params, x, y, cache);
+  bool shared = false;
+  for (Index t = 0; t < 7; ++t) {
+    std::vector<int> seen(cache.ids.row(t).data(), cache.ids.row(t).data() + 12);
+    std::sort(seen.begin(), seen.end());
+    shared |= std::adjacent_find(seen.begin(), seen.end()) != seen.end();
+  }
+  ASSERT_TRUE(shared) << "the case must have two heads choosing one expert";
+  run_gradient_check(tc);
+}
+
+}  // namespace

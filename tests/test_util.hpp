@@ -1,0 +1,247 @@
+// Shared helpers of the unit tests: random data, a naive loop PEER layer, central-difference checks.
+#ifndef PEER_TESTS_TEST_UTIL_HPP
+#define PEER_TESTS_TEST_UTIL_HPP
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <peer/peer.hpp>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace peer_test {
+
+using peer::Index;
+template <typename S>
+using Mat = peer::RowMatrix<S>;
+
+/// Uniform(-1, 1) matrix from a seeded std::mt19937.
+template <typename S>
+Mat<S> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.0) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> dist(-scale, scale);
+  Mat<S> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<S>(dist(gen));
+  return m;
+}
+
+/// A small PEER configuration for tests.
+inline peer::PeerConfig small_config(Index d = 8, Index n = 4, Index heads = 2, Index dk = 8, Index k = 3,
+                                     Index kk = 3) {
+  peer::PeerConfig c;
+  c.model_dim = d;
+  c.num_experts = n * n;
+  c.num_heads = heads;
+  c.key_dim = dk;
+  c.top_k = k;
+  c.sub_key_top_k = kk;
+  return c;
+}
+
+/// Sets the thread count for the scope (tests may; the library never does).
+class ThreadScope {
+ public:
+  explicit ThreadScope(int threads) {
+#if defined(_OPENMP)
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+  }
+  ~ThreadScope() {
+#if defined(_OPENMP)
+    omp_set_num_threads(saved_);
+#endif
+  }
+
+ private:
+  int saved_ = 1;
+};
+
+/// The naive PEER layer: plain loops in double over the parameters read by name, exhaustive retrieval
+/// over all N full keys [c_a ; c'_b] with a sort. Written from the paper, independent of the library.
+struct NaiveOutput {
+  Mat<double> y;                        // [B, D]
+  std::vector<std::vector<int>> ids;    // [B * H][k]
+  std::vector<double> margin;           // [B * H] score gap between rank k and rank k + 1 (0 if N == k)
+};
+
+template <typename S>
+NaiveOutput naive_peer_forward(const peer::PeerConfig& c, peer::Parameters<S>& p, const Mat<S>& x_in,
+                               peer::Mode mode, const peer::RowMask* mask = nullptr) {
+  const Index b = x_in.rows(), d = c.model_dim, h_count = c.num_heads, dk = c.key_dim, half = dk / 2;
+  const Index n = c.num_sub_keys(), nn = n * n, k = c.top_k, f = h_count * dk;
+  const Mat<double> x = x_in.template cast<double>();
+  const Mat<double> w = p.find("query.weight").template cast<double>();
+  Mat<double> q(b, f);
+  for (Index t = 0; t < b; ++t) {
+    for (Index o = 0; o < f; ++o) {
+      double s = 0;
+      for (Index i = 0; i < d; ++i) s += w(o, i) * x(t, i);
+      if (c.query_bias == peer::Bias::kLearned) s += static_cast<double>(p.find("query.bias")(0, o));
+      q(t, o) = s;
+    }
+  }
+  if (c.query_norm == peer::QueryNorm::kBatchNorm) {
+    const auto gamma = p.find("query.norm.weight");
+    const auto beta = p.find("query.norm.bias");
+    for (Index o = 0; o < f; ++o) {
+      double mean, var;
+      if (mode == peer::Mode::kTrain) {
+        double sum = 0, count = 0;
+        for (Index t = 0; t < b; ++t) {
+          if (mask == nullptr || (*mask)[t]) {
+            sum += q(t, o);
+            count += 1;
+          }
+        }
+        mean = sum / count;
+        double sq = 0;
+        for (Index t = 0; t < b; ++t) {
+          if (mask == nullptr || (*mask)[t]) sq += (q(t, o) - mean) * (q(t, o) - mean);
+        }
+        var = sq / count;
+      } else {
+        mean = static_cast<double>(p.find("query.norm.running_mean")(0, o));
+        var = static_cast<double>(p.find("query.norm.running_var")(0, o));
+      }
+      for (Index t = 0; t < b; ++t) {
+        q(t, o) = (q(t, o) - mean) / std::sqrt(var + c.norm_epsilon) * static_cast<double>(gamma(0, o)) +
+                  static_cast<double>(beta(0, o));
+      }
+    }
+  } else if (c.query_norm == peer::QueryNorm::kLayerNorm) {
+    const auto gamma = p.find("query.norm.weight");
+    const auto beta = p.find("query.norm.bias");
+    for (Index t = 0; t < b; ++t) {
+      for (Index h = 0; h < h_count; ++h) {
+        double mean = 0, var = 0;
+        for (Index i = 0; i < dk; ++i) mean += q(t, h * dk + i);
+        mean /= static_cast<double>(dk);
+        for (Index i = 0; i < dk; ++i) var += (q(t, h * dk + i) - mean) * (q(t, h * dk + i) - mean);
+        var /= static_cast<double>(dk);
+        for (Index i = 0; i < dk; ++i) {
+          const Index o = h * dk + i;
+          q(t, o) = (q(t, o) - mean) / std::sqrt(var + c.norm_epsilon) * static_cast<double>(gamma(0, o)) +
+                    static_cast<double>(beta(0, o));
+        }
+      }
+    }
+  }
+  const auto left = p.find("sub_keys.left");
+  const auto right = p.find("sub_keys.right");
+  const auto table = p.find("experts");
+  NaiveOutput out;
+  out.y = Mat<double>::Zero(b, d);
+  out.ids.resize(static_cast<std::size_t>(b * h_count));
+  out.margin.resize(static_cast<std::size_t>(b * h_count));
+  std::vector<std::pair<double, int>> all(static_cast<std::size_t>(nn));
+  for (Index t = 0; t < b; ++t) {
+    for (Index h = 0; h < h_count; ++h) {
+      const Index off = c.key_sharing == peer::KeySharing::kPerHead ? h * n : 0;
+      for (Index a = 0; a < n; ++a) {
+        for (Index bb = 0; bb < n; ++bb) {
+          double s = 0;  // q . [c_a ; c'_b] as one dot product over Dk
+          for (Index i = 0; i < half; ++i) s += q(t, h * dk + i) * static_cast<double>(left(off + a, i));
+          for (Index i = 0; i < half; ++i) s += q(t, h * dk + half + i) * static_cast<double>(right(off + bb, i));
+          all[static_cast<std::size_t>(a * n + bb)] = {s, static_cast<int>(a * n + bb)};
+        }
+      }
+      std::sort(all.begin(), all.end(), [](const auto& l, const auto& r) {
+        return l.first > r.first || (l.first == r.first && l.second < r.second);
+      });
+      const std::size_t th = static_cast<std::size_t>(t * h_count + h);
+      out.margin[th] = nn > k ? all[static_cast<std::size_t>(k - 1)].first - all[static_cast<std::size_t>(k)].first : 1e300;
+      std::vector<double> s(static_cast<std::size_t>(k)), g(static_cast<std::size_t>(k));
+      for (Index j = 0; j < k; ++j) {
+        s[static_cast<std::size_t>(j)] = all[static_cast<std::size_t>(j)].first;
+        out.ids[th].push_back(all[static_cast<std::size_t>(j)].second);
+      }
+      // Gates.
+      if (c.gating == peer::Gating::kSoftmax) {
+        double mx = s[0], z = 0;
+        for (double v : s) mx = std::max(mx, v);
+        for (std::size_t j = 0; j < s.size(); ++j) z += std::exp(s[j] - mx);
+        for (std::size_t j = 0; j < s.size(); ++j) g[j] = std::exp(s[j] - mx) / z;
+      } else if (c.gating == peer::Gating::kReLU) {
+        for (std::size_t j = 0; j < s.size(); ++j) g[j] = std::max(0.0, s[j]);
+      } else {
+        for (std::size_t j = 0; j < s.size(); ++j) g[j] = 1.0 / (1.0 + std::exp(-s[j]));
+      }
+      // Experts: y += g sigma(u . x) v.
+      for (Index j = 0; j < k; ++j) {
+        const int id = out.ids[th][static_cast<std::size_t>(j)];
+        double zz = 0;
+        for (Index i = 0; i < d; ++i) zz += static_cast<double>(table(id, i)) * x(t, i);
+        double act = 0;
+        switch (c.activation) {
+          case peer::Activation::kReLU: act = std::max(0.0, zz); break;
+          case peer::Activation::kGelu: act = 0.5 * zz * (1.0 + std::erf(zz / std::sqrt(2.0))); break;
+          case peer::Activation::kGeluTanh:
+            act = 0.5 * zz * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (zz + 0.044715 * zz * zz * zz)));
+            break;
+          case peer::Activation::kSiLU: act = zz / (1.0 + std::exp(-zz)); break;
+        }
+        for (Index i = 0; i < d; ++i) {
+          out.y(t, i) += g[static_cast<std::size_t>(j)] * act * static_cast<double>(table(id, d + i));
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/// Central-difference check of one tensor's gradient: for each listed entry e of `value`,
+/// (L(e + eps) - L(e - eps)) / (2 eps) against analytic(e), where loss() runs a forward and returns L.
+/// Entries whose perturbation changes the selected experts (checked by same_selection()) are skipped;
+/// returns the number checked.
+struct GradCheckStats {
+  int checked = 0;
+  int skipped = 0;
+  double max_error = 0;
+};
+
+inline GradCheckStats check_entries(const std::string& what, double* value, Index count,
+                                    const std::function<double(Index)>& analytic,
+                                    const std::function<double()>& loss,
+                                    const std::function<bool()>& same_selection, double eps = 1e-6,
+                                    double rtol = 1e-6, double atol = 1e-8) {
+  GradCheckStats stats;
+  for (Index e = 0; e < count; ++e) {
+    const double saved = value[e];
+    value[e] = saved + eps;
+    const double lp = loss();
+    const bool same_p = same_selection();
+    value[e] = saved - eps;
+    const double lm = loss();
+    const bool same_m = same_selection();
+    value[e] = saved;
+    if (!same_p || !same_m) {
+      ++stats.skipped;
+      continue;
+    }
+    const double numeric = (lp - lm) / (2 * eps);
+    const double a = analytic(e);
+    const double err = std::abs(numeric - a);
+    stats.max_error = std::max(stats.max_error, err);
+    EXPECT_LE(err, atol + rtol * std::max(std::abs(numeric), std::abs(a)))
+        << what << " entry " << e << ": numeric " << numeric << " analytic " << a;
+    ++stats.checked;
+  }
+  return stats;
+}
+
+}  // namespace peer_test
+
+#endif  // PEER_TESTS_TEST_UTIL_HPP
