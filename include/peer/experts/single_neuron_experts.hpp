@@ -80,13 +80,7 @@ class SingleNeuronExperts {
     const Index cols = table.cols();
     parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
       for (Index r = r0; r < r1; ++r) {
-        Scalar* row = table.row(r);
-        for (Index c = 0; c < cols; c += 2) {
-          double z0, z1;
-          rng.normal_pair(static_cast<std::uint64_t>(r * cols + c) / 2, z0, z1);
-          row[c] = static_cast<Scalar>(std_dev * z0);
-          if (c + 1 < cols) row[c + 1] = static_cast<Scalar>(std_dev * z1);
-        }
+        fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, table.row(r));
       }
     });
   }

@@ -1,0 +1,204 @@
+// The main demo: a PEER layer with a million experts runs forward and backward on a batch, next to a
+// dense feed-forward block of the same width, and reports throughput and the experts it used.
+//
+//   peer_demo [--dim D] [--experts N] [--heads H] [--top-k K] [--batch B] [--reps R] [--threads T]
+#include <peer/peer.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <iomanip>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Mat = peer::RowMatrix<float>;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Options {
+  long dim = 256, experts = 1024 * 1024, heads = 8, top_k = 16, batch = 1024, reps = 5, threads = 0;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](long& field) {
+      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
+      char* end = nullptr;
+      field = std::strtol(argv[++i], &end, 10);
+      if (*end != '\0' || field < 0) throw std::invalid_argument(a + " = " + argv[i] + " must be a non-negative integer");
+    };
+    if (a == "--dim") value(o.dim);
+    else if (a == "--experts") value(o.experts);
+    else if (a == "--heads") value(o.heads);
+    else if (a == "--top-k") value(o.top_k);
+    else if (a == "--batch") value(o.batch);
+    else if (a == "--reps") value(o.reps);
+    else if (a == "--threads") value(o.threads);
+    else if (a == "--help" || a == "-h") {
+      std::cout << "peer_demo [--dim D] [--experts N] [--heads H] [--top-k K] [--batch B] [--reps R] [--threads T]\n";
+      std::exit(0);
+    } else {
+      throw std::invalid_argument("unknown option " + a + " (see --help)");
+    }
+  }
+  if (o.reps < 1) o.reps = 1;
+  return o;
+}
+
+// The dense baseline: y = W2 gelu(W1 x), d_ff = 4D, forward and backward with Eigen's GEMM.
+struct DenseFfw {
+  Mat w1, w2, h, a;
+  DenseFfw(long d, long ff) : w1(Mat::Random(ff, d) / std::sqrt(float(d))), w2(Mat::Random(d, ff) / std::sqrt(float(ff))) {}
+  void forward(const Mat& x, Mat& y) {
+    h.noalias() = x * w1.transpose();
+    a = h.unaryExpr([](float z) { return peer::activate(peer::Activation::kGelu, z); });
+    y.noalias() = a * w2.transpose();
+  }
+  void backward(const Mat& x, const Mat& dy, Mat& dx, Mat& dw1, Mat& dw2) {
+    dw2.noalias() = dy.transpose() * a;
+    Mat da = dy * w2;
+    Mat dh = da.cwiseProduct(h.unaryExpr([](float z) { return peer::activate_derivative(peer::Activation::kGelu, z); }));
+    dw1.noalias() = dh.transpose() * x;
+    dx.noalias() = dh * w1;
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  const Options o = parse(argc, argv);
+#if defined(_OPENMP)
+  if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  peer::PeerConfig config;
+  config.model_dim = o.dim;
+  config.key_dim = o.dim;
+  config.num_experts = o.experts;
+  config.num_heads = o.heads;
+  config.top_k = o.top_k;
+  config.sub_key_top_k = o.top_k;
+  peer::PeerLayer<float> layer(config);
+  const long d = o.dim, b = o.batch;
+
+  std::cout << "peer " << peer::version() << " demo: a PEER layer (He 2024) on " << threads << " thread(s)\n"
+            << "  N = " << config.num_experts << " experts (" << config.num_sub_keys() << "^2 product keys), H = "
+            << config.num_heads << " heads, top k = " << config.top_k << " per head, D = Dk = " << d
+            << ", batch B = " << b << " tokens\n";
+  const auto layout = layer.layout();
+  std::cout << "  parameters:\n";
+  for (const auto* list : {&layout.dense(), &layout.buffers(), &layout.tables()}) {
+    for (const auto& s : *list) {
+      std::cout << "    " << std::left << std::setw(30) << s.name << std::right << " [" << s.rows << ", " << s.cols
+                << "]  " << (s.kind == peer::ParamKind::kDense ? "dense" : s.kind == peer::ParamKind::kBuffer ? "buffer" : "row-sparse")
+                << "\n";
+    }
+  }
+  const double total = static_cast<double>(layout.num_parameters());
+  const double active = static_cast<double>(config.num_heads * config.top_k * 2 * d + layout.dense_size());  // experts + query net + keys
+  std::cout << "  total parameters " << total / 1e6 << " M (" << total * 4 / (1 << 30) << " GiB), active per token "
+            << active / 1e6 << " M\n";
+
+  auto start = Clock::now();
+  auto params = layer.make_parameters(1);
+  auto grads = layer.make_gradients();
+  std::cout << "  allocated and initialized in " << std::setprecision(3) << seconds_since(start) << " s\n";
+
+  const Mat x = Mat::Random(b, d);
+  Mat y(b, d), dx(b, d);
+  const Mat dy = Mat::Random(b, d);
+  peer::PeerLayer<float>::Cache cache;
+  std::vector<double> fwd, bwd;
+  for (long r = 0; r <= o.reps; ++r) {  // the first round warms up and is not counted
+    start = Clock::now();
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
+    const double tf = seconds_since(start);
+    grads.zero();
+    dx.setZero();
+    start = Clock::now();
+    layer.backward(params, cache, dy, dx, grads);
+    const double tb = seconds_since(start);
+    if (r > 0) {
+      fwd.push_back(tf);
+      bwd.push_back(tb);
+    }
+  }
+  DenseFfw ffw(d, 4 * d);
+  Mat yd(b, d), dxd(b, d), dw1, dw2;
+  std::vector<double> dfwd, dbwd;
+  for (long r = 0; r <= o.reps; ++r) {
+    start = Clock::now();
+    ffw.forward(x, yd);
+    const double tf = seconds_since(start);
+    start = Clock::now();
+    ffw.backward(x, dy, dxd, dw1, dw2);
+    const double tb = seconds_since(start);
+    if (r > 0) {
+      dfwd.push_back(tf);
+      dbwd.push_back(tb);
+    }
+  }
+  const double pf = median(fwd), pb = median(bwd), df = median(dfwd), db = median(dbwd);
+  const double tokens = static_cast<double>(b), width = static_cast<double>(d);
+  std::cout << "\n  throughput (median of " << o.reps << " runs, tokens/s)      forward    forward+backward\n"
+            << std::fixed << std::setprecision(0)
+            << "    PEER, " << std::setw(8) << config.num_experts << " experts           " << std::setw(10) << tokens / pf
+            << "    " << std::setw(10) << tokens / (pf + pb) << "\n"
+            << "    dense FFW " << d << " -> " << 4 * d << " -> " << d << "         " << std::setw(10) << tokens / df << "    "
+            << std::setw(10) << tokens / (df + db) << "\n";
+
+  // Which experts the batch used.
+  std::vector<std::pair<int, peer::ExpertId>> counts;
+  {
+    std::vector<peer::ExpertId> ids(cache.ids.data(), cache.ids.data() + cache.ids.size());
+    std::sort(ids.begin(), ids.end());
+    for (std::size_t i = 0; i < ids.size();) {
+      std::size_t j = i;
+      while (j < ids.size() && ids[j] == ids[i]) ++j;
+      counts.push_back({static_cast<int>(j - i), ids[i]});
+      i = j;
+    }
+  }
+  std::sort(counts.begin(), counts.end(), [](auto& l, auto& r) { return l.first > r.first || (l.first == r.first && l.second < r.second); });
+  const auto& g = grads.find_table("experts");
+  std::cout << std::setprecision(2) << "\n  experts used by this batch: " << counts.size() << " distinct of "
+            << config.num_experts << " (" << 100.0 * static_cast<double>(counts.size()) / static_cast<double>(config.num_experts)
+            << "%), from " << cache.ids.size() << " selections; row-sparse gradient rows: " << g.size() << " ("
+            << static_cast<double>(g.size()) * 2 * width * 4 / (1 << 20) << " MiB, the dense alternative would be "
+            << static_cast<double>(config.num_experts) * 2 * width * 4 / (1 << 20) << " MiB)\n  most selected:";
+  for (std::size_t i = 0; i < std::min<std::size_t>(5, counts.size()); ++i) {
+    const auto id = counts[i].second;
+    std::cout << "  #" << id << " (" << id / config.num_sub_keys() << "," << id % config.num_sub_keys() << ") x" << counts[i].first;
+  }
+  std::cout << "\n  token 0, head 0 kept experts (id: score, gate):";
+  for (long j = 0; j < std::min<long>(4, config.top_k); ++j) {
+    std::cout << "  " << cache.ids(0, j) << ": " << std::setprecision(3) << cache.scores(0, j) << ", " << cache.gates(0, j);
+  }
+  std::cout << " ...\n  exact tie repairs in the last search: " << cache.retrieval.fallbacks << " of " << b * config.num_heads
+            << " queries\n";
+  return 0;
+} catch (const std::exception& e) {
+  std::cerr << "peer_demo: " << e.what() << "\n";
+  return 2;
+}

@@ -1,0 +1,28 @@
+# Shared by scripts/demo, scripts/test and scripts/bench: install what is missing, from Debian's packages.
+# shellcheck shell=bash
+
+# The Debian packages the project builds with.
+PEER_PACKAGES=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+
+# ensure_packages PKG...: installs the missing ones with apt-get when root; otherwise prints the exact
+# command to run and exits non-zero.
+ensure_packages() {
+  local missing=()
+  local pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "peer: missing Debian packages: ${missing[*]}" >&2
+    echo "peer: install them with:  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "peer: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# Number of parallel build jobs: all cores.
+build_jobs() { nproc 2>/dev/null || echo 2; }
