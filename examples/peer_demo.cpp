@@ -1,8 +1,11 @@
 // The main demo: a PEER layer with a million experts runs forward and backward on a batch, next to a
 // dense feed-forward block of the same width, and reports throughput and the experts it used.
 //
-//   peer_demo [--dim D] [--experts N] [--heads H] [--top-k K] [--batch B] [--reps R] [--threads T]
+// Then it trains a PEER layer and a dense FFW of the same per-token compute on a task where capacity
+// matters (memorizing random pairs) and reports what each learned.   peer_demo --help lists the options.
 #include <peer/peer.hpp>
+
+#include "memorize.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -34,6 +37,9 @@ double median(std::vector<double> v) {
 
 struct Options {
   long dim = 256, experts = 1024 * 1024, heads = 8, top_k = 16, batch = 1024, reps = 5, threads = 0;
+  // Part 2, the learning task.
+  long pairs = 65536, classes = 1024, train_dim = 128, train_key_dim = 64, train_experts = 256 * 256, steps = 900;
+  bool skip_throughput = false, skip_training = false;
 };
 
 Options parse(int argc, char** argv) {
@@ -53,8 +59,20 @@ Options parse(int argc, char** argv) {
     else if (a == "--batch") value(o.batch);
     else if (a == "--reps") value(o.reps);
     else if (a == "--threads") value(o.threads);
+    else if (a == "--pairs") value(o.pairs);
+    else if (a == "--classes") value(o.classes);
+    else if (a == "--train-dim") value(o.train_dim);
+    else if (a == "--train-experts") value(o.train_experts);
+    else if (a == "--steps") value(o.steps);
+    else if (a == "--no-throughput") o.skip_throughput = true;
+    else if (a == "--no-training") o.skip_training = true;
     else if (a == "--help" || a == "-h") {
-      std::cout << "peer_demo [--dim D] [--experts N] [--heads H] [--top-k K] [--batch B] [--reps R] [--threads T]\n";
+      std::cout << "peer_demo [--dim D] [--experts N] [--heads H] [--top-k K] [--batch B] [--reps R] [--threads T]\n"
+                   "          [--pairs P] [--classes C] [--train-dim D] [--train-experts N] [--steps S]\n"
+                   "          [--no-throughput] [--no-training]\n"
+                   "Part 1: a PEER layer with N experts, forward + backward throughput next to a dense FFW.\n"
+                   "Part 2: train PEER and a dense FFW of the same per-token FLOPs to memorize P random\n"
+                   "        key -> label pairs; report accuracy, expert usage and unevenness.\n";
       std::exit(0);
     } else {
       throw std::invalid_argument("unknown option " + a + " (see --help)");
@@ -64,34 +82,7 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-// The dense baseline: y = W2 gelu(W1 x), d_ff = 4D, forward and backward with Eigen's GEMM.
-struct DenseFfw {
-  Mat w1, w2, h, a;
-  DenseFfw(long d, long ff) : w1(Mat::Random(ff, d) / std::sqrt(float(d))), w2(Mat::Random(d, ff) / std::sqrt(float(ff))) {}
-  void forward(const Mat& x, Mat& y) {
-    h.noalias() = x * w1.transpose();
-    a = h.unaryExpr([](float z) { return peer::activate(peer::Activation::kGelu, z); });
-    y.noalias() = a * w2.transpose();
-  }
-  void backward(const Mat& x, const Mat& dy, Mat& dx, Mat& dw1, Mat& dw2) {
-    dw2.noalias() = dy.transpose() * a;
-    Mat da = dy * w2;
-    Mat dh = da.cwiseProduct(h.unaryExpr([](float z) { return peer::activate_derivative(peer::Activation::kGelu, z); }));
-    dw1.noalias() = dh.transpose() * x;
-    dx.noalias() = dh * w1;
-  }
-};
-
-}  // namespace
-
-int main(int argc, char** argv) try {
-  const Options o = parse(argc, argv);
-#if defined(_OPENMP)
-  if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+void throughput_part(const Options& o, int threads) {
   peer::PeerConfig config;
   config.model_dim = o.dim;
   config.key_dim = o.dim;
@@ -102,8 +93,8 @@ int main(int argc, char** argv) try {
   peer::PeerLayer<float> layer(config);
   const long d = o.dim, b = o.batch;
 
-  std::cout << "peer " << peer::version() << " demo: a PEER layer (He 2024) on " << threads << " thread(s)\n"
-            << "  N = " << config.num_experts << " experts (" << config.num_sub_keys() << "^2 product keys), H = "
+  std::cout << "peer " << peer::version() << " demo on " << threads << " thread(s)\n\nPart 1: a PEER layer (He 2024) with "
+            << config.num_experts << " experts, forward and backward\n  N = " << config.num_experts << " experts (" << config.num_sub_keys() << "^2 product keys), H = "
             << config.num_heads << " heads, top k = " << config.top_k << " per head, D = Dk = " << d
             << ", batch B = " << b << " tokens\n";
   const auto layout = layer.layout();
@@ -144,15 +135,20 @@ int main(int argc, char** argv) try {
       bwd.push_back(tb);
     }
   }
-  DenseFfw ffw(d, 4 * d);
-  Mat yd(b, d), dxd(b, d), dw1, dw2;
+  peer::DenseFfw<float> ffw(peer::DenseFfwConfig{d, 4 * d});
+  auto ffw_params = ffw.make_parameters(2);
+  auto ffw_grads = ffw.make_gradients();
+  peer::DenseFfw<float>::Cache ffw_cache;
+  Mat yd(b, d), dxd(b, d);
   std::vector<double> dfwd, dbwd;
   for (long r = 0; r <= o.reps; ++r) {
     start = Clock::now();
-    ffw.forward(x, yd);
+    ffw.forward(ffw_params, x, yd, ffw_cache);
     const double tf = seconds_since(start);
+    ffw_grads.zero();
+    dxd.setZero();
     start = Clock::now();
-    ffw.backward(x, dy, dxd, dw1, dw2);
+    ffw.backward(ffw_params, ffw_cache, dy, dxd, ffw_grads);
     const double tb = seconds_since(start);
     if (r > 0) {
       dfwd.push_back(tf);
@@ -197,6 +193,58 @@ int main(int argc, char** argv) try {
   }
   std::cout << " ...\n  exact tie repairs in the last search: " << cache.retrieval.fallbacks << " of " << b * config.num_heads
             << " queries\n";
+}
+
+void training_part(const Options& o) {
+  peer::PeerConfig config;
+  config.model_dim = o.train_dim;
+  config.key_dim = o.train_key_dim;
+  config.num_experts = o.train_experts;
+  peer::PeerLayer<float> peer_layer(config);
+  // The dense baseline gets the same forward FLOPs per token: 4 D F = PEER's.
+  const long hidden = std::max(1L, static_cast<long>(std::lround(config.forward_flops_per_token() / (4.0 * static_cast<double>(o.train_dim)))));
+  peer::DenseFfw<float> dense(peer::DenseFfwConfig{o.train_dim, hidden});
+  demo::TrainOptions t;
+  t.steps = o.steps;
+  t.classes = o.classes;
+  std::cout << "\nPart 2: memorize " << o.pairs << " random keys (N(0, I), D = " << o.train_dim << ") -> labels in [0, "
+            << o.classes << "), " << o.steps << " steps of " << t.batch << ", Adam (experts: lazy Adam at " << t.expert_lr
+            << ")\n  PEER: N = " << config.num_experts << ", H = " << config.num_heads << ", k = " << config.top_k
+            << ", Dk = " << config.key_dim << "; dense FFW: " << o.train_dim << " -> " << hidden << " -> " << o.train_dim
+            << ", both " << std::setprecision(3) << config.forward_flops_per_token() / 1e6 << " MFLOP per token forward\n";
+  const demo::PairSet data(o.pairs, o.train_dim, o.classes, 7);
+  peer::ExpertStats stats(config.num_experts);
+  const demo::TrainResult p = demo::train_memorize("PEER", peer_layer, data, t, &stats);
+  const demo::TrainResult f = demo::train_memorize("dense FFW", dense, data, t, nullptr);
+  std::cout << std::fixed << std::setprecision(1)
+            << "\n  model        parameters   train tokens/s   final loss   accuracy on all " << o.pairs << " pairs\n"
+            << "  PEER       " << std::setw(12) << p.parameters << "   " << std::setw(14) << std::setprecision(0) << p.tokens_per_s
+            << "   " << std::setw(10) << std::setprecision(4) << p.final_loss << "   " << std::setprecision(1) << 100 * p.accuracy << "%\n"
+            << "  dense FFW  " << std::setw(12) << f.parameters << "   " << std::setw(14) << std::setprecision(0) << f.tokens_per_s
+            << "   " << std::setw(10) << std::setprecision(4) << f.final_loss << "   " << std::setprecision(1) << 100 * f.accuracy << "%\n"
+            << std::setprecision(3) << "\n  PEER expert statistics over the evaluation pass (He 2024, sec. 3.4): usage "
+            << 100 * p.usage << "% of " << config.num_experts << " experts, unevenness KL(z || uniform) = " << p.unevenness << " nats\n";
+  const auto most = stats.most_used(3);
+  std::cout << "  most used:";
+  for (const auto& e : most) std::cout << "  #" << e.id << " (z' = " << e.weight << ", " << e.selections << " selections)";
+  const auto least = stats.least_used(3);
+  std::cout << "\n  least used (of those used):";
+  for (const auto& e : least) std::cout << "  #" << e.id << " (z' = " << e.weight << ")";
+  std::cout << "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  const Options o = parse(argc, argv);
+#if defined(_OPENMP)
+  if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  if (!o.skip_throughput) throughput_part(o, threads);
+  if (!o.skip_training) training_part(o);
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "peer_demo: " << e.what() << "\n";

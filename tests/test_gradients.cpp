@@ -137,4 +137,34 @@ TEST(Gradients, TwoHeadsSelectingTheSameExpert) {
   run_gradient_check(tc);
 }
 
+TEST(Gradients, DenseFfwPlainAndGlu) {
+  for (auto kind : {peer::FfwKind::kPlain, peer::FfwKind::kGlu}) {
+    SCOPED_TRACE(kind == peer::FfwKind::kGlu ? "glu" : "plain");
+    peer::DenseFfwConfig c{5, 7, peer::Activation::kGelu, kind, peer::Bias::kLearned};
+    peer::DenseFfw<double> ffw(c);
+    auto params = ffw.make_parameters(3);
+    for (const auto& spec : ffw.layout().dense()) params.find(spec.name) = random_matrix<double>(spec.rows, spec.cols, 9);
+    Mat<double> x = random_matrix<double>(6, 5, 1), y(6, 5);
+    const Mat<double> r = random_matrix<double>(6, 5, 2);
+    peer::DenseFfw<double>::Cache cache, probe;
+    ffw.forward(params, x, y, cache);
+    auto grads = ffw.make_gradients();
+    Mat<double> dx = Mat<double>::Zero(6, 5);
+    ffw.backward(params, cache, r, dx, grads);
+    auto loss = [&] {
+      Mat<double> yp(6, 5);
+      ffw.forward(params, x, yp, probe);
+      return (yp.array() * r.array()).sum();
+    };
+    auto same = [] { return true; };
+    check_entries("x", x.data(), x.size(), [&](Index e) { return dx.data()[e]; }, loss, same);
+    for (const auto& spec : ffw.layout().dense()) {
+      auto value = params.find(spec.name);
+      auto grad = grads.find_dense(spec.name);
+      const auto st = check_entries(spec.name, value.data(), value.size(), [&](Index e) { return grad.data()[e]; }, loss, same);
+      EXPECT_EQ(st.checked, value.size());
+    }
+  }
+}
+
 }  // namespace

@@ -33,8 +33,19 @@
 
 #include "peer/experts/single_neuron_experts.hpp"
 
+#include "peer/layers/dense_ffw.hpp"
+#include "peer/layers/expert_stats.hpp"
 #include "peer/layers/gating.hpp"
 #include "peer/layers/peer_config.hpp"
 #include "peer/layers/peer_layer.hpp"
+
+#include "peer/optim/adam.hpp"
+#include "peer/optim/optimizer.hpp"
+#include "peer/optim/optimizer_core.hpp"
+#include "peer/optim/schedule.hpp"
+#include "peer/optim/sgd.hpp"
+
+// io
+#include "peer/io/checkpoint.hpp"
 
 #endif  // PEER_PEER_HPP

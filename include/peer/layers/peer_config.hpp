@@ -7,7 +7,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "peer/core/error.hpp"
 #include "peer/core/types.hpp"
@@ -39,6 +42,48 @@ struct PeerConfig {
 
   /// n = sqrt(N), the number of sub-keys per half (valid after validate()).
   Index num_sub_keys() const { return static_cast<Index>(std::llround(std::sqrt(static_cast<double>(num_experts)))); }
+
+  /// Forward multiply-add FLOPs per token (2 per multiply-add), main terms only:
+  ///   query projection 2 D H Dk + sub-key scoring 2 H n Dk + experts 4 D H k (u . x and the axpy of v).
+  /// Normalization, top-k selection, k ln k candidate sums and gates are O(H (Dk + n + k)) and left out.
+  double forward_flops_per_token() const {
+    const double d = static_cast<double>(model_dim), h = static_cast<double>(num_heads);
+    const double dk = static_cast<double>(key_dim), n = static_cast<double>(num_sub_keys());
+    return 2 * d * h * dk + 2 * h * n * dk + 4 * d * h * static_cast<double>(top_k);
+  }
+
+  /// The configuration as (key, value) text pairs, e.g. for a checkpoint's metadata. Doubles are written
+  /// with 17 significant digits, so they read back exactly.
+  std::vector<std::pair<std::string, std::string>> to_fields() const {
+    auto num = [](double v) {
+      std::ostringstream out;
+      out.precision(17);
+      out << v;
+      return out.str();
+    };
+    return {{"model_dim", std::to_string(model_dim)},
+            {"num_experts", std::to_string(num_experts)},
+            {"num_heads", std::to_string(num_heads)},
+            {"key_dim", std::to_string(key_dim)},
+            {"top_k", std::to_string(top_k)},
+            {"sub_key_top_k", std::to_string(sub_key_top_k)},
+            {"activation", to_string(activation)},
+            {"gating", to_string(gating)},
+            {"query_norm", to_string(query_norm)},
+            {"query_bias", query_bias == Bias::kLearned ? "learned" : "none"},
+            {"key_sharing", to_string(key_sharing)},
+            {"batch_norm_momentum", num(batch_norm_momentum)},
+            {"norm_epsilon", num(norm_epsilon)}};
+  }
+
+  /// The first field whose value differs from `other`'s, as "field: this vs other", or "" if none.
+  std::string first_difference(const PeerConfig& other) const {
+    const auto a = to_fields(), b = other.to_fields();
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      if (a[i].second != b[i].second) return a[i].first + ": " + a[i].second + " vs " + b[i].second;
+    }
+    return "";
+  }
 
   /// Throws std::invalid_argument naming the first field that breaks a rule, its value and the rule.
   void validate() const {

@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_OPTIM_ADAM_HPP
+#define PEER_OPTIM_ADAM_HPP
+
+/// \file
+/// Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), dense and row-sparse ("lazy").
+///
+/// Dense tensors, at global step t:
+///   Adam (L2):   g' = g + wd p                      AdamW (decoupled):  p -= lr wd p,  g' = g
+///   m = b1 m + (1 - b1) g',   v = b2 v + (1 - b2) g'^2,
+///   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+/// Row-sparse tables (lazy Adam): the same update, applied only to the rows the gradient holds, with a
+/// step count t_r PER ROW that advances only when row r is updated. An untouched row keeps its value, its
+/// moments and its step bit for bit, and is never read: a step costs O(rows touched * cols), not O(N).
+/// Compared with dense Adam on the same table, lazy Adam (1) does not decay the moments of untouched rows
+/// and does not move them by their stale momentum, and (2) bias-corrects each row by how often it was
+/// updated. With every row touched at every step it is exactly dense Adam (tested bitwise).
+/// The moments of a table are stored densely ([N, cols] each, 2x the table): memory is O(N) state, time
+/// per step is not.
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "peer/core/aligned_buffer.hpp"
+#include "peer/core/parallel.hpp"
+#include "peer/core/parameters.hpp"
+#include "peer/optim/optimizer_core.hpp"
+
+namespace peer {
+
+/// How weight decay enters Adam.
+enum class WeightDecay {
+  kL2,         ///< added to the gradient (torch.optim.Adam)
+  kDecoupled,  ///< applied to the weights directly (AdamW)
+};
+
+struct AdamConfig {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double epsilon = 1e-8;
+  WeightDecay weight_decay = WeightDecay::kL2;
+
+  /// AdamW's defaults.
+  static AdamConfig adamw() { return {0.9, 0.999, 1e-8, WeightDecay::kDecoupled}; }
+};
+
+template <typename Scalar>
+class Adam : public detail::OptimizerCore<Scalar> {
+  using Core = detail::OptimizerCore<Scalar>;
+
+ public:
+  Adam(const ParameterLayout& layout, std::vector<ParamGroup> groups, AdamConfig config = AdamConfig())
+      : Core(layout, std::move(groups)), config_(config) {
+    if (!(config.beta1 >= 0.0 && config.beta1 < 1.0)) detail::throw_invalid("AdamConfig.beta1", config.beta1, "must be in [0, 1)");
+    if (!(config.beta2 >= 0.0 && config.beta2 < 1.0)) detail::throw_invalid("AdamConfig.beta2", config.beta2, "must be in [0, 1)");
+    if (!(config.epsilon > 0.0)) detail::throw_invalid("AdamConfig.epsilon", config.epsilon, "must be > 0");
+    m_dense_ = AlignedBuffer<Scalar>(layout.dense_size());
+    v_dense_ = AlignedBuffer<Scalar>(layout.dense_size());
+    for (const auto& s : layout.tables()) {
+      m_tables_.emplace_back(s.size());
+      v_tables_.emplace_back(s.size());
+      row_steps_.emplace_back(static_cast<std::size_t>(s.rows), 0);
+    }
+  }
+
+  const AdamConfig& config() const { return config_; }
+
+  /// One update of every trained tensor from `grads` (which is not changed).
+  void step(Parameters<Scalar>& params, const Gradients<Scalar>& grads) {
+    this->begin_step(params, grads);
+    const auto& layout = this->layout();
+    const std::int64_t t = this->steps();
+    for (std::size_t i = 0; i < layout.dense().size(); ++i) {
+      const auto& spec = layout.dense()[i];
+      const Coefficients c = coefficients(this->lr_dense(i), this->wd_dense(i), t);
+      Scalar* p = params.dense_data() + spec.offset;
+      const Scalar* g = grads.dense_data() + spec.offset;
+      Scalar* m = m_dense_.data() + spec.offset;
+      Scalar* v = v_dense_.data() + spec.offset;
+      parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(c, p, g, m, v, b, e); });
+    }
+    for (std::size_t tb = 0; tb < layout.tables().size(); ++tb) {
+      const TableHandle h{static_cast<int>(tb)};
+      const auto& grad = grads.table(h);
+      auto& table = params.table(h);
+      const Index cols = table.cols();
+      const Scalar lr = this->lr_table(tb), wd = this->wd_table(tb);
+      std::int64_t* steps = row_steps_[tb].data();
+      parallel_for(grad.size(), 64, [&](Index r0, Index r1, int) {
+        for (Index r = r0; r < r1; ++r) {
+          const Index row = grad.ids()[static_cast<std::size_t>(r)];
+          const Coefficients c = coefficients(lr, wd, ++steps[row]);
+          update(c, table.row(row), grad.values().row(r).data(), m_tables_[tb].data() + row * cols,
+                 v_tables_[tb].data() + row * cols, 0, cols);
+        }
+      });
+    }
+  }
+
+  /// Step count of a table's row (lazy Adam), for inspection.
+  std::int64_t row_steps(TableHandle h, Index row) const { return row_steps_.at(static_cast<std::size_t>(h.index)).at(static_cast<std::size_t>(row)); }
+
+  std::vector<StateTensor<Scalar>> state_tensors() {
+    std::vector<StateTensor<Scalar>> out;
+    for (const auto& s : this->layout().dense()) {
+      out.push_back({"adam.m." + s.name, s.rows, s.cols, m_dense_.data() + s.offset});
+      out.push_back({"adam.v." + s.name, s.rows, s.cols, v_dense_.data() + s.offset});
+    }
+    for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
+      const auto& s = this->layout().tables()[t];
+      out.push_back({"adam.m." + s.name, s.rows, s.cols, m_tables_[t].data()});
+      out.push_back({"adam.v." + s.name, s.rows, s.cols, v_tables_[t].data()});
+    }
+    return out;
+  }
+  std::vector<StateCounter> state_counters() {
+    std::vector<StateCounter> out{this->step_counter()};
+    for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
+      out.push_back({"adam.row_steps." + this->layout().tables()[t].name, static_cast<Index>(row_steps_[t].size()),
+                     row_steps_[t].data()});
+    }
+    return out;
+  }
+
+ private:
+  struct Coefficients {
+    Scalar lr, wd, b1, b2, eps, inv_c1, inv_c2;
+    bool decoupled;
+  };
+
+  Coefficients coefficients(Scalar lr, Scalar wd, std::int64_t t) const {
+    const double c1 = 1.0 - std::pow(config_.beta1, static_cast<double>(t));
+    const double c2 = 1.0 - std::pow(config_.beta2, static_cast<double>(t));
+    return {lr, wd, static_cast<Scalar>(config_.beta1), static_cast<Scalar>(config_.beta2), static_cast<Scalar>(config_.epsilon),
+            static_cast<Scalar>(1.0 / c1), static_cast<Scalar>(1.0 / c2), config_.weight_decay == WeightDecay::kDecoupled};
+  }
+
+  static void update(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar* v, Index b, Index e) {
+    for (Index i = b; i < e; ++i) {
+      Scalar gi = g[i];
+      if (c.decoupled) {
+        p[i] -= c.lr * c.wd * p[i];
+      } else {
+        gi += c.wd * p[i];
+      }
+      m[i] = c.b1 * m[i] + (Scalar(1) - c.b1) * gi;
+      v[i] = c.b2 * v[i] + (Scalar(1) - c.b2) * gi * gi;
+      p[i] -= c.lr * (m[i] * c.inv_c1) / (std::sqrt(v[i] * c.inv_c2) + c.eps);
+    }
+  }
+
+  AdamConfig config_;
+  AlignedBuffer<Scalar> m_dense_, v_dense_;
+  std::vector<AlignedBuffer<Scalar>> m_tables_, v_tables_;
+  std::vector<std::vector<std::int64_t>> row_steps_;
+};
+
+}  // namespace peer
+
+#endif  // PEER_OPTIM_ADAM_HPP

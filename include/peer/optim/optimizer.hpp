@@ -1,0 +1,128 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_OPTIM_OPTIMIZER_HPP
+#define PEER_OPTIM_OPTIMIZER_HPP
+
+/// \file
+/// What every optimizer shares: parameter groups (a learning rate, weight decay and schedule per group of
+/// tensors), gradient clipping by global norm, and the named state tensors that checkpoints save.
+/// Optimizer state lives in the optimizer, apart from the parameters (as ensmallen does); a step never
+/// hides inside a backward pass.
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "peer/core/error.hpp"
+#include "peer/core/gradients.hpp"
+#include "peer/core/parameter_layout.hpp"
+#include "peer/core/types.hpp"
+#include "peer/optim/schedule.hpp"
+
+namespace peer {
+
+/// A group of tensors trained with the same settings. A tensor belongs to the first group with a prefix
+/// its name starts with ("" matches every name).
+struct ParamGroup {
+  std::string name;
+  std::vector<std::string> prefixes;
+  double learning_rate = 1e-3;
+  double weight_decay = 0.0;
+  LrSchedule schedule;
+};
+
+/// The usual split for memory layers (PKM, Memory Layers at Scale): the expert table with its own,
+/// constant learning rate (1e-3 with Adam), everything else with `dense_lr` and `dense_schedule`.
+inline std::vector<ParamGroup> default_param_groups(double dense_lr, LrSchedule dense_schedule = LrSchedule(),
+                                                     double expert_lr = 1e-3, double dense_weight_decay = 0.0) {
+  return {ParamGroup{"experts", {"experts"}, expert_lr, 0.0, LrSchedule()},
+          ParamGroup{"dense", {""}, dense_lr, dense_weight_decay, dense_schedule}};
+}
+
+/// A named state tensor of an optimizer (moments, momentum buffers), for checkpoints.
+template <typename Scalar>
+struct StateTensor {
+  std::string name;
+  Index rows = 0;
+  Index cols = 0;
+  Scalar* data = nullptr;
+};
+
+/// A named array of step counters (the global step, per-row steps of lazy Adam), for checkpoints.
+struct StateCounter {
+  std::string name;
+  Index size = 0;
+  std::int64_t* data = nullptr;
+};
+
+namespace detail {
+
+/// Group index of every dense tensor and every table of `layout`; throws if a tensor matches no group.
+struct GroupAssignment {
+  std::vector<int> dense, tables;
+};
+
+inline GroupAssignment assign_groups(const ParameterLayout& layout, const std::vector<ParamGroup>& groups) {
+  if (groups.empty()) throw std::invalid_argument("optimizer: at least one ParamGroup is needed");
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const std::string where = "ParamGroup '" + groups[g].name + "'";
+    if (!(groups[g].learning_rate >= 0.0) || !std::isfinite(groups[g].learning_rate)) {
+      throw_invalid(where + ".learning_rate", groups[g].learning_rate, "must be finite and >= 0");
+    }
+    if (!(groups[g].weight_decay >= 0.0) || !std::isfinite(groups[g].weight_decay)) {
+      throw_invalid(where + ".weight_decay", groups[g].weight_decay, "must be finite and >= 0");
+    }
+    groups[g].schedule.validate(where + ".schedule");
+  }
+  auto find = [&](const std::string& name) {
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      for (const auto& p : groups[g].prefixes) {
+        if (name.compare(0, p.size(), p) == 0) return static_cast<int>(g);
+      }
+    }
+    throw std::invalid_argument("optimizer: tensor '" + name + "' belongs to no ParamGroup (add a group with prefix \"\")");
+  };
+  GroupAssignment a;
+  for (const auto& s : layout.dense()) a.dense.push_back(find(s.name));
+  for (const auto& s : layout.tables()) a.tables.push_back(find(s.name));
+  return a;
+}
+
+}  // namespace detail
+
+/// Global L2 norm of all gradients: dense ones and the stored rows of row-sparse ones (each row is stored
+/// once, so duplicates from several tokens are already summed). Accumulated in double, in a fixed order.
+template <typename Scalar>
+double gradient_norm(const Gradients<Scalar>& grads) {
+  double sum = 0.0;
+  const Scalar* d = grads.dense_data();
+  for (Index i = 0; i < grads.layout().dense_size(); ++i) sum += static_cast<double>(d[i]) * static_cast<double>(d[i]);
+  for (std::size_t t = 0; t < grads.layout().tables().size(); ++t) {
+    const auto values = grads.table(TableHandle{static_cast<int>(t)}).values();
+    for (Index i = 0; i < values.size(); ++i) {
+      sum += static_cast<double>(values.data()[i]) * static_cast<double>(values.data()[i]);
+    }
+  }
+  return std::sqrt(sum);
+}
+
+/// Scales all gradients by max_norm / norm when their global norm exceeds max_norm (> 0). Returns the norm
+/// before clipping.
+template <typename Scalar>
+double clip_gradient_norm(Gradients<Scalar>& grads, double max_norm) {
+  if (!(max_norm > 0.0)) detail::throw_invalid("clip_gradient_norm max_norm", max_norm, "must be > 0");
+  const double norm = gradient_norm(grads);
+  if (norm > max_norm) {
+    const Scalar scale = static_cast<Scalar>(max_norm / norm);
+    Scalar* d = grads.dense_data();
+    for (Index i = 0; i < grads.layout().dense_size(); ++i) d[i] *= scale;
+    for (std::size_t t = 0; t < grads.layout().tables().size(); ++t) {
+      grads.table(TableHandle{static_cast<int>(t)}).values() *= scale;
+    }
+  }
+  return norm;
+}
+
+}  // namespace peer
+
+#endif  // PEER_OPTIM_OPTIMIZER_HPP

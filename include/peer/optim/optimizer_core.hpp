@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_OPTIM_OPTIMIZER_CORE_HPP
+#define PEER_OPTIM_OPTIMIZER_CORE_HPP
+
+/// \file
+/// detail::OptimizerCore: the bookkeeping every optimizer shares (layout, groups, the global step,
+/// per-tensor learning rates and weight decays for the current step).
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peer/core/gradients.hpp"
+#include "peer/core/parameters.hpp"
+#include "peer/optim/optimizer.hpp"
+
+namespace peer {
+namespace detail {
+
+template <typename Scalar>
+class OptimizerCore {
+ public:
+  OptimizerCore(const ParameterLayout& layout, std::vector<ParamGroup> groups)
+      : layout_(layout), groups_(std::move(groups)), assignment_(assign_groups(layout_, groups_)) {}
+
+  const ParameterLayout& layout() const { return layout_; }
+  const std::vector<ParamGroup>& groups() const { return groups_; }
+  /// Updates done so far (the step of the last update; 0 before the first).
+  std::int64_t steps() const { return step_; }
+  /// Group g's learning rate at the step `step` (1-based), schedule included.
+  double learning_rate(std::size_t g, std::int64_t step) const {
+    return groups_.at(g).learning_rate * groups_.at(g).schedule.factor(step);
+  }
+  /// Group of a tensor by name (-1 if none), for inspection.
+  int group_of(const std::string& name) const {
+    for (std::size_t i = 0; i < layout_.dense().size(); ++i) if (layout_.dense()[i].name == name) return assignment_.dense[i];
+    for (std::size_t i = 0; i < layout_.tables().size(); ++i) if (layout_.tables()[i].name == name) return assignment_.tables[i];
+    return -1;
+  }
+
+ protected:
+  void begin_step(const Parameters<Scalar>& params, const Gradients<Scalar>& grads) {
+    if (params.layout() != layout_) throw std::invalid_argument("optimizer: params have a different layout than the optimizer");
+    if (grads.layout() != layout_) throw std::invalid_argument("optimizer: grads have a different layout than the optimizer");
+    ++step_;
+  }
+  Scalar lr_dense(std::size_t i) const { return static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.dense[i]), step_)); }
+  Scalar lr_table(std::size_t t) const { return static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.tables[t]), step_)); }
+  Scalar wd_dense(std::size_t i) const { return static_cast<Scalar>(groups_[static_cast<std::size_t>(assignment_.dense[i])].weight_decay); }
+  Scalar wd_table(std::size_t t) const { return static_cast<Scalar>(groups_[static_cast<std::size_t>(assignment_.tables[t])].weight_decay); }
+  StateCounter step_counter() { return {"optimizer.step", 1, &step_}; }
+
+ private:
+  ParameterLayout layout_;
+  std::vector<ParamGroup> groups_;
+  GroupAssignment assignment_;
+  std::int64_t step_ = 0;
+};
+
+}  // namespace detail
+}  // namespace peer
+
+#endif  // PEER_OPTIM_OPTIMIZER_CORE_HPP

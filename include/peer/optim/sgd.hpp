@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_OPTIM_SGD_HPP
+#define PEER_OPTIM_SGD_HPP
+
+/// \file
+/// SGD with momentum (PyTorch's formulation), dense and row-sparse.
+///   g' = g + wd p,   buf = mu buf + g',   p -= lr buf        (mu = 0: p -= lr g')
+/// Row-sparse tables apply the same update to the rows the gradient holds and nothing else: an untouched
+/// row keeps its value and its momentum buffer bit for bit (lazy momentum). With every row touched at
+/// every step this is exactly dense SGD.
+
+#include <cstdint>
+#include <vector>
+
+#include "peer/core/aligned_buffer.hpp"
+#include "peer/core/parallel.hpp"
+#include "peer/core/parameters.hpp"
+#include "peer/optim/optimizer_core.hpp"
+
+namespace peer {
+
+template <typename Scalar>
+class Sgd : public detail::OptimizerCore<Scalar> {
+  using Core = detail::OptimizerCore<Scalar>;
+
+ public:
+  Sgd(const ParameterLayout& layout, std::vector<ParamGroup> groups, double momentum = 0.0)
+      : Core(layout, std::move(groups)), momentum_(momentum) {
+    if (!(momentum >= 0.0 && momentum < 1.0)) detail::throw_invalid("Sgd momentum", momentum, "must be in [0, 1)");
+    if (momentum_ > 0.0) {
+      dense_buf_ = AlignedBuffer<Scalar>(layout.dense_size());
+      for (const auto& s : layout.tables()) table_buf_.emplace_back(s.size());
+    }
+  }
+
+  double momentum() const { return momentum_; }
+
+  /// One update of every trained tensor from `grads` (which is not changed).
+  void step(Parameters<Scalar>& params, const Gradients<Scalar>& grads) {
+    this->begin_step(params, grads);
+    const Scalar mu = static_cast<Scalar>(momentum_);
+    const auto& layout = this->layout();
+    for (std::size_t i = 0; i < layout.dense().size(); ++i) {
+      const auto& spec = layout.dense()[i];
+      const Scalar lr = this->lr_dense(i), wd = this->wd_dense(i);
+      Scalar* p = params.dense_data() + spec.offset;
+      const Scalar* g = grads.dense_data() + spec.offset;
+      Scalar* buf = mu > 0 ? dense_buf_.data() + spec.offset : nullptr;
+      parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(p, g, buf, b, e, lr, wd, mu); });
+    }
+    for (std::size_t t = 0; t < layout.tables().size(); ++t) {
+      const TableHandle h{static_cast<int>(t)};
+      const auto& grad = grads.table(h);
+      auto& table = params.table(h);
+      const Index cols = table.cols();
+      const Scalar lr = this->lr_table(t), wd = this->wd_table(t);
+      parallel_for(grad.size(), 64, [&](Index r0, Index r1, int) {
+        for (Index r = r0; r < r1; ++r) {
+          const Index row = grad.ids()[static_cast<std::size_t>(r)];
+          Scalar* buf = mu > 0 ? table_buf_[t].data() + row * cols : nullptr;
+          update(table.row(row), grad.values().row(r).data(), buf, 0, cols, lr, wd, mu);
+        }
+      });
+    }
+  }
+
+  std::vector<StateTensor<Scalar>> state_tensors() {
+    std::vector<StateTensor<Scalar>> out;
+    if (momentum_ == 0.0) return out;
+    for (const auto& s : this->layout().dense()) out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, dense_buf_.data() + s.offset});
+    for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
+      const auto& s = this->layout().tables()[t];
+      out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data()});
+    }
+    return out;
+  }
+  std::vector<StateCounter> state_counters() { return {this->step_counter()}; }
+
+ private:
+  static void update(Scalar* p, const Scalar* g, Scalar* buf, Index b, Index e, Scalar lr, Scalar wd, Scalar mu) {
+    for (Index i = b; i < e; ++i) {
+      Scalar d = g[i] + wd * p[i];
+      if (buf != nullptr) {
+        buf[i] = mu * buf[i] + d;
+        d = buf[i];
+      }
+      p[i] -= lr * d;
+    }
+  }
+
+  double momentum_;
+  AlignedBuffer<Scalar> dense_buf_;
+  std::vector<AlignedBuffer<Scalar>> table_buf_;
+};
+
+}  // namespace peer
+
+#endif  // PEER_OPTIM_SGD_HPP
