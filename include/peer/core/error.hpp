@@ -55,7 +55,14 @@ inline void check_shape(const std::string& what, Index rows, Index cols, Index e
 /// Throws std::domain_error naming the first non-finite entry of `m` (row, column and value).
 template <typename Derived>
 void check_finite(const std::string& what, const Eigen::DenseBase<Derived>& m) {
-  if (m.allFinite()) return;
+  // Fast path: x - x is 0 for finite x and NaN otherwise, so one vectorizable sum per row decides.
+  bool finite = true;
+  for (Index r = 0; r < m.rows() && finite; ++r) {
+    typename Derived::Scalar sum(0);
+    for (Index c = 0; c < m.cols(); ++c) sum += m(r, c) - m(r, c);
+    finite = sum == sum;
+  }
+  if (finite) return;
   for (Index r = 0; r < m.rows(); ++r) {
     for (Index c = 0; c < m.cols(); ++c) {
       if (!std::isfinite(m(r, c))) {

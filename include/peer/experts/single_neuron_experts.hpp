@@ -52,6 +52,8 @@ class SingleNeuronExperts {
  public:
   /// Tokens per parallel chunk.
   static constexpr Index kTokenGrain = 16;
+  /// How many slots ahead the kernels prefetch expert rows (see RowTable::prefetch).
+  static constexpr Index kPrefetchSlots = 2;
 
   struct Workspace {
     std::vector<Scalar> coef_u, coef_v;  // [B * S] per-slot factors of du and dv rows
@@ -106,6 +108,7 @@ class SingleNeuronExperts {
         yt.setZero();
         const auto xt = x.row(t);
         for (Index s = 0; s < slots; ++s) {
+          if (s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
           const Scalar* row = table.row(ids(t, s));
           const Eigen::Map<const RowVec> u(row, d), v(row + d, d);
           const Scalar zs = u.dot(xt);
@@ -142,6 +145,7 @@ class SingleNeuronExperts {
       for (Index t = t0; t < t1; ++t) {
         const auto dyt = dy.row(t);
         for (Index s = 0; s < slots; ++s) {
+          if (s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
           const Scalar* row = table.row(ids(t, s));
           const Eigen::Map<const RowVec> u(row, d), v(row + d, d);
           const Scalar dh = v.dot(dyt);
