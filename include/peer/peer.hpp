@@ -47,5 +47,6 @@
 
 // io
 #include "peer/io/checkpoint.hpp"
+#include "peer/io/training_checkpoint.hpp"
 
 #endif  // PEER_PEER_HPP
