@@ -55,6 +55,18 @@ void BM_Peer(benchmark::State& state) {
   state.counters["N"] = static_cast<double>(c.num_experts);
 }
 
+// args: D, n (N = n^2), phase: the paper's PKM baseline (H = 8, k = 32, Dk = D)
+void BM_Pkm(benchmark::State& state) {
+  const long d = state.range(0), n = state.range(1), b = 1024;
+  peer::PeerConfig c = peer::pkm_config(d);
+  c.num_experts = n * n;
+  peer::ProductKeyMemory<float> layer(c);
+  const double row = static_cast<double>(c.num_heads * c.top_k) * static_cast<double>(d) * sizeof(float);
+  const double bytes[3] = {row, 2 * row, 7 * row};
+  run_layer(state, layer, d, b, layer.forward_flops_per_token(), bytes);
+  state.counters["N"] = static_cast<double>(c.num_experts);
+}
+
 // args: D, (unused), phase: D -> 4D -> D
 void BM_DenseFfw(benchmark::State& state) {
   const long d = state.range(0), b = 1024;
@@ -67,5 +79,6 @@ void BM_DenseFfw(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK(BM_Peer)->ArgsProduct({{256, 512}, {128, 256, 512, 1024}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Pkm)->ArgsProduct({{256, 512}, {1024}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_DenseFfw)->ArgsProduct({{256, 512}, {0}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_MAIN();

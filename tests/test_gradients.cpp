@@ -13,10 +13,14 @@ struct Case {
   bool mask = false;
 };
 
+// Layer: PeerLayer<double> or ProductKeyMemory<double>.
+template <typename Layer = peer::PeerLayer<double>>
 void run_gradient_check(const Case& tc) {
   SCOPED_TRACE(tc.name);
+  using Memory = std::decay_t<decltype(std::declval<Layer>().experts())>;
+  const std::string table_name = Memory::kTableName;
   const peer::PeerConfig& c = tc.config;
-  peer::PeerLayer<double> layer(c);
+  Layer layer(c);
   auto params = layer.make_parameters(2024);
   const Index f = c.num_heads * c.key_dim;
   // Non-trivial norm and bias parameters, so their gradients are exercised away from the identity.
@@ -36,7 +40,7 @@ void run_gradient_check(const Case& tc) {
   mask[1] = mask[4] = false;
   const peer::RowMask* m = tc.mask ? &mask : nullptr;
 
-  peer::PeerLayer<double>::Cache cache, probe;
+  typename Layer::Cache cache, probe;
   Mat<double> y(b, c.model_dim);
   layer.forward(params, x, y, cache, tc.mode, m);
   auto grads = layer.make_gradients();
@@ -60,20 +64,20 @@ void run_gradient_check(const Case& tc) {
   }
   // Expert table: every entry; rows never selected must be absent from the row-sparse gradient and
   // have a numerical gradient of zero.
-  auto table = params.find("experts");
-  const auto& g = grads.find_table("experts");
-  const Index cols = 2 * c.model_dim;
+  auto table = params.find(table_name);
+  const auto& g = grads.find_table(table_name);
+  const Index cols = Memory::row_cols(c.model_dim);
   std::vector<peer::ExpertId> touched(cache.ids.data(), cache.ids.data() + cache.ids.size());
   std::sort(touched.begin(), touched.end());
   touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
   EXPECT_EQ(g.ids(), touched);
-  st = check_entries("experts", table.data(), table.size(),
+  st = check_entries(table_name, table.data(), table.size(),
                      [&](Index e) {
                        const double* row = g.find(static_cast<peer::ExpertId>(e / cols));
                        return row == nullptr ? 0.0 : row[e % cols];
                      },
                      loss, same);
-  EXPECT_GE(st.checked, table.size() * 4 / 5) << "experts";
+  EXPECT_GE(st.checked, table.size() * 4 / 5) << table_name;
 }
 
 peer::PeerConfig base(Index n = 6) { return small_config(6, n, 2, 6, 3, 3); }
@@ -135,6 +139,28 @@ TEST(Gradients, TwoHeadsSelectingTheSameExpert) {
   }
   ASSERT_TRUE(shared) << "the case must have two heads choosing one expert";
   run_gradient_check(tc);
+}
+
+TEST(Gradients, ProductKeyMemoryEveryGatingNormAndKeySharing) {
+  using Pkm = peer::ProductKeyMemory<double>;
+  for (auto gate : {peer::Gating::kSoftmax, peer::Gating::kReLU, peer::Gating::kSigmoid}) {
+    Case tc{std::string("pkm ") + peer::to_string(gate), base()};
+    tc.config.gating = gate;
+    run_gradient_check<Pkm>(tc);
+  }
+  Case masked{"pkm batch_norm train + mask", base()};
+  masked.mask = true;
+  run_gradient_check<Pkm>(masked);
+  Case eval{"pkm batch_norm eval", base()};
+  eval.mode = peer::Mode::kEval;
+  run_gradient_check<Pkm>(eval);
+  Case ln{"pkm layer_norm + bias, per-head keys", base()};
+  ln.config.query_norm = peer::QueryNorm::kLayerNorm;
+  ln.config.query_bias = peer::Bias::kLearned;
+  ln.config.key_sharing = peer::KeySharing::kPerHead;
+  run_gradient_check<Pkm>(ln);
+  // N = 9 values, 4 heads of top 3: value rows get several slots per token.
+  run_gradient_check<Pkm>(Case{"pkm shared values across heads", small_config(6, 3, 4, 4, 3, 3)});
 }
 
 TEST(Gradients, DenseFfwPlainAndGlu) {

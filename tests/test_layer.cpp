@@ -31,10 +31,11 @@ std::vector<Variant> variants() {
   return v;
 }
 
-template <typename S>
+// Layer: PeerLayer<S> (default) or ProductKeyMemory<S>.
+template <typename S, typename Layer = peer::PeerLayer<S>>
 void compare_with_naive(peer::PeerConfig c, const std::string& label, peer::Mode mode, bool with_mask,
                         double tol, double min_margin) {
-  peer::PeerLayer<S> layer(c);
+  Layer layer(c);
   auto params = layer.make_parameters(42);
   if (c.query_bias == peer::Bias::kLearned) params.find("query.bias") = random_matrix<S>(1, c.num_heads * c.key_dim, 77);
   if (c.query_norm != peer::QueryNorm::kNone) {
@@ -53,7 +54,7 @@ void compare_with_naive(peer::PeerConfig c, const std::string& label, peer::Mode
   const NaiveOutput naive = naive_peer_forward(c, params, x, mode, m);
   Mat<S> y(b, c.model_dim);
   y.setConstant(std::numeric_limits<S>::quiet_NaN());
-  typename peer::PeerLayer<S>::Cache cache;
+  typename Layer::Cache cache;
   layer.forward(params, x, y, cache, mode, m);
   Index compared = 0;
   for (Index t = 0; t < b; ++t) {
@@ -89,6 +90,25 @@ TEST(PeerLayer, EqualsNaiveLoopsFloat) {
     v.apply(c);
     compare_with_naive<float>(c, v.name, peer::Mode::kTrain, false, 2e-5, 1e-3);
   }
+}
+
+TEST(ProductKeyMemory, EqualsNaiveLoopsFloatAndDouble) {
+  for (const auto& v : variants()) {
+    if (v.name.rfind("relu/", 0) != 0) continue;  // the activation is not used: one per gating is enough
+    peer::PeerConfig c = small_config(12, 6, 3, 8, 4, 4);
+    v.apply(c);
+    compare_with_naive<double, peer::ProductKeyMemory<double>>(c, "pkm " + v.name, peer::Mode::kTrain, false, 1e-11, 1e-9);
+    compare_with_naive<float, peer::ProductKeyMemory<float>>(c, "pkm " + v.name, peer::Mode::kTrain, false, 2e-5, 1e-3);
+  }
+  for (const auto& v : variants()) {
+    if (v.name.find('/') != std::string::npos) continue;
+    peer::PeerConfig c = small_config(12, 6, 3, 8, 4, 4);
+    v.apply(c);
+    compare_with_naive<double, peer::ProductKeyMemory<double>>(c, "pkm " + v.name, peer::Mode::kTrain, false, 1e-11, 1e-9);
+  }
+  const peer::PeerConfig c = small_config(10, 5, 2, 6, 3, 3);
+  compare_with_naive<double, peer::ProductKeyMemory<double>>(c, "pkm train+mask", peer::Mode::kTrain, true, 1e-11, 1e-9);
+  compare_with_naive<double, peer::ProductKeyMemory<double>>(c, "pkm eval", peer::Mode::kEval, false, 1e-11, 1e-9);
 }
 
 TEST(PeerLayer, BatchNormModesAndMaskEqualNaiveLoops) {

@@ -10,6 +10,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -69,8 +70,9 @@ class ThreadScope {
   int saved_ = 1;
 };
 
-/// The naive PEER layer: plain loops in double over the parameters read by name, exhaustive retrieval
-/// over all N full keys [c_a ; c'_b] with a sort. Written from the paper, independent of the library.
+/// The naive PEER layer (or product-key memory, when the table is "values"): plain loops in double over
+/// the parameters read by name, exhaustive retrieval over all N full keys [c_a ; c'_b] with a sort.
+/// Written from the papers, independent of the library.
 struct NaiveOutput {
   Mat<double> y;                        // [B, D]
   std::vector<std::vector<int>> ids;    // [B * H][k]
@@ -141,7 +143,9 @@ NaiveOutput naive_peer_forward(const peer::PeerConfig& c, peer::Parameters<S>& p
   }
   const auto left = p.find("sub_keys.left");
   const auto right = p.find("sub_keys.right");
-  const auto table = p.find("experts");
+  // A product-key memory has a "values" table [N, D] (y += g v); a PEER layer an "experts" table.
+  const bool values = p.layout().tables().front().name == "values";
+  const auto table = p.find(values ? "values" : "experts");
   NaiveOutput out;
   out.y = Mat<double>::Zero(b, d);
   out.ids.resize(static_cast<std::size_t>(b * h_count));
@@ -179,9 +183,13 @@ NaiveOutput naive_peer_forward(const peer::PeerConfig& c, peer::Parameters<S>& p
       } else {
         for (std::size_t j = 0; j < s.size(); ++j) g[j] = 1.0 / (1.0 + std::exp(-s[j]));
       }
-      // Experts: y += g sigma(u . x) v.
+      // Experts: y += g sigma(u . x) v; values: y += g v.
       for (Index j = 0; j < k; ++j) {
         const int id = out.ids[th][static_cast<std::size_t>(j)];
+        if (values) {
+          for (Index i = 0; i < d; ++i) out.y(t, i) += g[static_cast<std::size_t>(j)] * static_cast<double>(table(id, i));
+          continue;
+        }
         double zz = 0;
         for (Index i = 0; i < d; ++i) zz += static_cast<double>(table(id, i)) * x(t, i);
         double act = 0;

@@ -17,6 +17,7 @@
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
 #include "peer/core/reduce.hpp"
+#include "peer/core/row_scatter.hpp"
 #include "peer/core/row_sparse.hpp"
 #include "peer/core/row_table.hpp"
 #include "peer/core/types.hpp"
@@ -32,12 +33,16 @@
 #include "peer/retrieval/top_k.hpp"
 
 #include "peer/experts/single_neuron_experts.hpp"
+#include "peer/experts/value_memory.hpp"
 
 #include "peer/layers/dense_ffw.hpp"
+#include "peer/layers/moe.hpp"
 #include "peer/layers/expert_stats.hpp"
 #include "peer/layers/gating.hpp"
 #include "peer/layers/peer_config.hpp"
 #include "peer/layers/peer_layer.hpp"
+#include "peer/layers/product_key_layer.hpp"
+#include "peer/layers/product_key_memory.hpp"
 
 #include "peer/optim/adam.hpp"
 #include "peer/optim/optimizer.hpp"

@@ -25,10 +25,10 @@
 
 #include "peer/core/error.hpp"
 #include "peer/core/gradients.hpp"
-#include "peer/core/key_groups.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
+#include "peer/core/row_scatter.hpp"
 #include "peer/core/types.hpp"
 #include "peer/nn/activation.hpp"
 #include "peer/retrieval/product_keys.hpp"
@@ -54,12 +54,19 @@ class SingleNeuronExperts {
   static constexpr Index kTokenGrain = 16;
   /// How many slots ahead the kernels prefetch expert rows (see RowTable::prefetch).
   static constexpr Index kPrefetchSlots = 2;
+  /// The table's parameter name in a layer.
+  static constexpr const char* kTableName = "experts";
+
+  /// Scalars per row: [u_i | v_i], 2 D.
+  static Index row_cols(Index model_dim) { return 2 * model_dim; }
+  /// FLOPs per slot (2 per multiply-add; activations left out): forward u . x and the axpy of v (4 D);
+  /// backward v . dy, dx += dz u, du += dz x and dv += g h dy (8 D).
+  static double forward_flops_per_slot(Index model_dim) { return 4.0 * static_cast<double>(model_dim); }
+  static double backward_flops_per_slot(Index model_dim) { return 8.0 * static_cast<double>(model_dim); }
 
   struct Workspace {
     std::vector<Scalar> coef_u, coef_v;  // [B * S] per-slot factors of du and dv rows
-    std::vector<std::int32_t> keys;      // [B * S] expert id of each slot
-    KeyGroups groups;
-    RowMatrix<Scalar> rows;              // summed rows when gradients must be merged
+    RowScatterWorkspace<Scalar> scatter;
   };
 
   SingleNeuronExperts() = default;
@@ -159,34 +166,12 @@ class SingleNeuronExperts {
         }
       }
     });
-    // Row gradients: group slots by expert, sum each touched row once, in slot order.
-    ws.keys.resize(static_cast<std::size_t>(items));
-    for (Index t = 0; t < b_count; ++t) {
-      for (Index s = 0; s < slots; ++s) ws.keys[static_cast<std::size_t>(t * slots + s)] = ids(t, s);
-    }
-    group_by_key(ws.keys.data(), items, num_experts(), ws.groups);
-    const KeyGroups& g = ws.groups;
-    RowSparseGrad<Scalar>& grad = grads.table(table_);
-    // An empty gradient receives the rows in place; otherwise they are summed aside and merged.
-    const bool direct = grad.empty();
-    if (!direct) ws.rows.resize(g.num_groups(), 2 * d);
-    MatrixMap<Scalar> out(direct ? grad.reset(g.keys).data() : ws.rows.data(), g.num_groups(), 2 * d,
-                          Eigen::OuterStride<>(2 * d));
-    parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int) {
-      for (Index gi = g0; gi < g1; ++gi) {
-        auto du = out.row(gi).head(d);
-        auto dv = out.row(gi).tail(d);
-        du.setZero();
-        dv.setZero();
-        for (std::int64_t p = g.starts[gi]; p < g.starts[gi + 1]; ++p) {
-          const std::int32_t item = g.order[static_cast<std::size_t>(p)];
-          const Index t = item / slots;
-          du += ws.coef_u[static_cast<std::size_t>(item)] * x.row(t);
-          dv += ws.coef_v[static_cast<std::size_t>(item)] * dy.row(t);
-        }
-      }
+    // Row gradients: du_i | dv_i, each touched row summed once, in slot order.
+    scatter_rows(ids, num_experts(), 2 * d, grads.table(table_), ws.scatter, [&](Index item, auto row) {
+      const Index t = item / slots;
+      row.head(d) += ws.coef_u[static_cast<std::size_t>(item)] * x.row(t);
+      row.tail(d) += ws.coef_v[static_cast<std::size_t>(item)] * dy.row(t);
     });
-    if (!direct) grad.add(g.keys, ws.rows.data());
   }
 
  private:

@@ -70,6 +70,21 @@ class DenseFfw {
   const DenseFfwConfig& config() const { return config_; }
   const ParameterLayout& layout() const { return layout_; }
 
+  // ---- Sizes and costs per token, as the product-key layers report them (2 FLOPs per multiply-add) ----
+
+  /// Trained scalars: 2 (3 with GLU) weight matrices of D F, and the biases (F per up/gate, D down).
+  Index total_parameters() const { return layout_.num_parameters(); }
+  /// Every parameter is active for every token.
+  Index active_parameters_per_token() const { return total_parameters(); }
+  /// 2 D F per projection (see DenseFfwConfig::forward_flops_per_token).
+  double forward_flops_per_token() const { return config_.forward_flops_per_token(); }
+  /// Twice the forward: each projection's weight gradient and input gradient (with dx).
+  double backward_flops_per_token() const { return 2 * forward_flops_per_token(); }
+  /// Bytes of the parameters a token reads: all of them (shared by the batch's tokens, so in cache).
+  double parameter_bytes_per_token() const {
+    return static_cast<double>(total_parameters()) * static_cast<double>(sizeof(Scalar));
+  }
+
   Parameters<Scalar> make_parameters(std::uint64_t seed) const {
     Parameters<Scalar> p(layout_);
     initialize(p, seed);

@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_CORE_ROW_SCATTER_HPP
+#define PEER_CORE_ROW_SCATTER_HPP
+
+/// \file
+/// The deterministic scatter-add of per-slot contributions into a table's row-sparse gradient, shared by
+/// every kernel that reads rows by id (single-neuron experts, product-key memory values).
+///
+/// Slots are the entries of an id matrix [B, S]; slot (t, s) is item i = t S + s and contributes to row
+/// ids(t, s). The items are grouped by row (stable radix sort, peer/core/key_groups.hpp) and each touched
+/// row is summed once, over its items in ascending order, by one thread: no atomics, bitwise identical for
+/// any thread count. An empty gradient receives the rows in place; otherwise they are summed aside and
+/// merged (RowSparseGrad::add), so a gradient pre-filled with G ends as exactly G + delta.
+
+#include <cstdint>
+#include <vector>
+
+#include "peer/core/key_groups.hpp"
+#include "peer/core/parallel.hpp"
+#include "peer/core/row_sparse.hpp"
+#include "peer/core/types.hpp"
+
+namespace peer {
+
+/// Reusable memory of scatter_rows.
+template <typename Scalar>
+struct RowScatterWorkspace {
+  std::vector<std::int32_t> keys;  // [B * S] row id of each item
+  KeyGroups groups;
+  RowMatrix<Scalar> rows;          // summed rows when they must be merged into a non-empty gradient
+};
+
+/// For every row r touched by `ids` (values in [0, num_rows)): grad[r] += sum over items i with
+/// ids = r, in ascending i, of the contribution `add_item(i, row)` writes into `row` (an Eigen row
+/// expression of `cols` scalars, zeroed before the first item: add_item must ADD).
+template <typename Scalar, typename AddItem>
+void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSparseGrad<Scalar>& grad,
+                  RowScatterWorkspace<Scalar>& ws, AddItem&& add_item) {
+  const Index b_count = ids.rows(), slots = ids.cols(), items = b_count * slots;
+  ws.keys.resize(static_cast<std::size_t>(items));
+  for (Index t = 0; t < b_count; ++t) {
+    for (Index s = 0; s < slots; ++s) ws.keys[static_cast<std::size_t>(t * slots + s)] = ids(t, s);
+  }
+  group_by_key(ws.keys.data(), items, num_rows, ws.groups);
+  const KeyGroups& g = ws.groups;
+  const bool direct = grad.empty();
+  if (!direct) ws.rows.resize(g.num_groups(), cols);
+  MatrixMap<Scalar> out(direct ? grad.reset(g.keys).data() : ws.rows.data(), g.num_groups(), cols,
+                        Eigen::OuterStride<>(cols));
+  parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int) {
+    for (Index gi = g0; gi < g1; ++gi) {
+      auto row = out.row(gi);
+      row.setZero();
+      for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
+        add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
+      }
+    }
+  });
+  if (!direct) grad.add(g.keys, ws.rows.data());
+}
+
+}  // namespace peer
+
+#endif  // PEER_CORE_ROW_SCATTER_HPP
