@@ -1,11 +1,23 @@
-// Layers: PEER forward, forward + backward and a training step (lazy Adam) next to a dense FFW of the
-// same width, in the same run. The PEER rows sweep N = 128^2 .. 1024^2 at D = 256 and 512 (H = 8, k = 16,
-// B = 1024): the step time must grow far slower than N.
+// Layers: forward, forward + backward and a full training step (AdamW on dense tensors, lazy Adam on
+// tables), for PEER, the product-key memory, the coarse MoE and dense FFWs, in one run.
 //
-// GB/s counts a model of the expert-table traffic per token, H k rows of 2 D floats each: forward reads
-// them once; backward reads them again and writes as many gradient rows; lazy Adam reads the row, its two
-// moments and its gradient and writes the row and the moments (7 row transfers; an upper bound, since rows
-// picked by several tokens are updated once). Dense FFW counts its weights once per batch.
+// BM_Peer sweeps N = 128^2 .. 1024^2 at D = 256 and 512 (H = 8, k = 16, B = 1024): the step time must grow
+// far slower than N. BM_Layer compares the layers at the paper's configurations, D = 256 (and 512), 1 and
+// 2 threads, B = 2048 (256 for the D = 512 training step, as PEER-pytorch's reference figure):
+//   PEER      N = 1024^2, H = 8, k = 16, Dk = D
+//   PKM       pkm_config(D): N = 1024^2, H = 8, k = 32
+//   dense 4D  D -> 4D -> D (equal width)
+//   dense =F  D -> F -> D with the PEER layer's forward FLOPs per token (equal active compute)
+//   MoE =F    128 experts, top 2, expert width set for the PEER layer's forward FLOPs per token
+//
+// Counters: tokens/s and us/token; GFLOP/s from the layers' own cost functions (forward, plus backward
+// from the second phase on; the optimizer's element-wise work is not counted); GB/s from a model of the
+// parameter traffic per token: table rows (the S rows a token reads) count once in forward, three times
+// with backward (read again, gradient written) and ten times with the training step (lazy Adam reads the
+// row, its two moments and its gradient and writes three of them); dense tensors are read once per batch
+// and count the same multiples divided by B.
+#include <algorithm>
+#include <cmath>
 #include <memory>
 
 #include "bench_common.hpp"
@@ -14,16 +26,22 @@ namespace {
 
 enum Phase { kForward = 0, kForwardBackward = 1, kTrainStep = 2 };
 
-// bytes_per_token: {forward, backward, optimizer step} traffic per token.
+// Scalars of the dense tensors of a layout.
+double dense_bytes(const peer::ParameterLayout& layout) {
+  double n = 0;
+  for (const auto& s : layout.dense()) n += static_cast<double>(s.size());
+  return n * sizeof(float);
+}
+
 template <typename Layer>
-void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, double flops_per_token,
-               const double (&bytes_per_token)[3]) {
+void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, int phase) {
   auto params = layer.make_parameters(1);
   auto grads = layer.make_gradients();
-  const int phase = static_cast<int>(state.range(2));
-  // Adam's moments double the memory of the table: only the training step allocates them.
+  // Adam's moments double the memory of a table: only the training step allocates them.
   std::unique_ptr<peer::Adam<float>> adam;
-  if (phase == kTrainStep) adam = std::make_unique<peer::Adam<float>>(layer.layout(), peer::default_param_groups(1e-3));
+  if (phase == kTrainStep) {
+    adam = std::make_unique<peer::Adam<float>>(layer.layout(), peer::default_param_groups(1e-3), peer::AdamConfig::adamw());
+  }
   typename Layer::Cache cache;
   const bench::Mat x = bench::random(b, dim, 3), dy = bench::random(b, dim, 4);
   bench::Mat y(b, dim), none;
@@ -36,49 +54,87 @@ void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, do
     if (phase == kTrainStep) adam->step(params, grads);
     benchmark::DoNotOptimize(y.data());
   }
-  double bytes = 0;
-  for (int p = 0; p <= phase; ++p) bytes += bytes_per_token[p];
-  bench::set_counters(state, static_cast<double>(b), flops_per_token * (phase == kForward ? 1.0 : 3.0), bytes);
+  const double flops = layer.forward_flops_per_token() + (phase >= kForwardBackward ? layer.backward_flops_per_token() : 0.0);
+  const double dense = dense_bytes(layer.layout());
+  const double rows = std::max(0.0, layer.parameter_bytes_per_token() - dense);
+  const double times = phase == kForward ? 1 : phase == kForwardBackward ? 3 : 10;
+  bench::set_counters(state, static_cast<double>(b), flops, times * (rows + dense / static_cast<double>(b)));
+  bench::set_time_per_token(state, static_cast<double>(b));
+  state.counters["params"] = static_cast<double>(layer.total_parameters());
+  state.counters["active"] = static_cast<double>(layer.active_parameters_per_token());
 }
 
-// args: D, n (N = n^2), phase
-void BM_Peer(benchmark::State& state) {
-  const long d = state.range(0), n = state.range(1), b = 1024;
+peer::PeerConfig peer_config(long d, long n) {
   peer::PeerConfig c;
   c.model_dim = d;
   c.key_dim = d;
   c.num_experts = n * n;
-  peer::PeerLayer<float> layer(c);
-  const double row = static_cast<double>(c.num_heads * c.top_k) * 2.0 * static_cast<double>(d) * sizeof(float);
-  const double bytes[3] = {row, 2 * row, 7 * row};
-  run_layer(state, layer, d, b, c.forward_flops_per_token(), bytes);
-  state.counters["N"] = static_cast<double>(c.num_experts);
+  return c;
 }
 
-// args: D, n (N = n^2), phase: the paper's PKM baseline (H = 8, k = 32, Dk = D)
-void BM_Pkm(benchmark::State& state) {
-  const long d = state.range(0), n = state.range(1), b = 1024;
-  peer::PeerConfig c = peer::pkm_config(d);
-  c.num_experts = n * n;
-  peer::ProductKeyMemory<float> layer(c);
-  const double row = static_cast<double>(c.num_heads * c.top_k) * static_cast<double>(d) * sizeof(float);
-  const double bytes[3] = {row, 2 * row, 7 * row};
-  run_layer(state, layer, d, b, layer.forward_flops_per_token(), bytes);
-  state.counters["N"] = static_cast<double>(c.num_experts);
+// args: D, n (N = n^2), phase; all threads, B = 1024.
+void BM_Peer(benchmark::State& state) {
+  const long d = state.range(0), n = state.range(1);
+  peer::PeerLayer<float> layer(peer_config(d, n));
+  run_layer(state, layer, d, 1024, static_cast<int>(state.range(2)));
+  state.counters["N"] = static_cast<double>(n * n);
 }
 
-// args: D, (unused), phase: D -> 4D -> D
-void BM_DenseFfw(benchmark::State& state) {
-  const long d = state.range(0), b = 1024;
-  peer::DenseFfw<float> ffw(peer::DenseFfwConfig{d, 4 * d});
-  const double weights = 2.0 * static_cast<double>(d) * static_cast<double>(4 * d) * sizeof(float) / static_cast<double>(b);
-  const double bytes[3] = {weights, 2 * weights, 7 * weights};
-  run_layer(state, ffw, d, b, ffw.config().forward_flops_per_token(), bytes);
+enum Kind { kPeer = 0, kPkm = 1, kDenseWidth = 2, kDenseFlops = 3, kMoeFlops = 4 };
+const char* const kKindNames[] = {"peer", "pkm", "dense_4d", "dense_equal_flops", "moe_equal_flops"};
+
+// args: kind, D, phase, threads, B.
+void BM_Layer(benchmark::State& state) {
+  const long d = state.range(1), b = state.range(4);
+  const int phase = static_cast<int>(state.range(2));
+  bench::ThreadScope threads(state, state.range(3));
+  state.SetLabel(kKindNames[state.range(0)]);
+  const peer::PeerLayer<float> reference(peer_config(d, 1024));  // sets the equal-FLOPs widths
+  const double peer_flops = reference.forward_flops_per_token();
+  switch (static_cast<Kind>(state.range(0))) {
+    case kPeer:
+      run_layer(state, reference, d, b, phase);
+      break;
+    case kPkm: {
+      peer::ProductKeyMemory<float> layer(peer::pkm_config(d));
+      run_layer(state, layer, d, b, phase);
+      break;
+    }
+    case kDenseWidth: {
+      peer::DenseFfw<float> layer(peer::DenseFfwConfig{d, 4 * d});
+      run_layer(state, layer, d, b, phase);
+      break;
+    }
+    case kDenseFlops: {
+      const long f = std::lround(peer_flops / (4.0 * static_cast<double>(d)));
+      peer::DenseFfw<float> layer(peer::DenseFfwConfig{d, f});
+      run_layer(state, layer, d, b, phase);
+      break;
+    }
+    case kMoeFlops: {
+      peer::MoeConfig c;
+      c.model_dim = d;  // 128 experts, top 2 (token choice); 2 D E + 8 D F = the PEER layer's forward FLOPs
+      c.expert_hidden = std::lround((peer_flops - 2.0 * static_cast<double>(d * c.num_experts)) / (8.0 * static_cast<double>(d)));
+      peer::MoeFfw<float> layer(c);
+      run_layer(state, layer, d, b, phase);
+      break;
+    }
+  }
+}
+
+void layer_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"kind", "D", "phase", "threads", "B"});
+  for (long kind : {kPeer, kPkm, kDenseWidth, kDenseFlops, kMoeFlops}) {
+    for (long threads : {1, 2}) {
+      for (long phase : {kForward, kForwardBackward, kTrainStep}) b->Args({kind, 256, phase, threads, 2048});
+    }
+    // D = 512: the training step with 256 tokens per step, 2 threads.
+    b->Args({kind, 512, kTrainStep, 2, 256});
+  }
 }
 
 }  // namespace
 
 BENCHMARK(BM_Peer)->ArgsProduct({{256, 512}, {128, 256, 512, 1024}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_Pkm)->ArgsProduct({{256, 512}, {1024}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_DenseFfw)->ArgsProduct({{256, 512}, {0}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Layer)->Apply(layer_args)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_MAIN();
