@@ -165,6 +165,11 @@ TEST(Optimizers, GroupsGiveEachTensorItsRateAndRejectOrphans) {
   EXPECT_EQ(a2.group_of("experts"), 0);
   EXPECT_EQ(a2.group_of("query.weight"), 1);
   EXPECT_EQ(a2.group_of("sub_keys.left"), 1);
+  // A product-key memory's value table is its row-sparse table: it goes with the experts' group.
+  peer::ProductKeyMemory<float> pkm(small_config());
+  peer::Adam<float> a3(pkm.layout(), defaults);
+  EXPECT_EQ(a3.group_of("values"), 0);
+  EXPECT_EQ(a3.group_of("query.weight"), 1);
 }
 
 TEST(Schedules, MatchHandComputedValues) {

@@ -31,11 +31,12 @@ struct ParamGroup {
   LrSchedule schedule;
 };
 
-/// The usual split for memory layers (PKM, Memory Layers at Scale): the expert table with its own,
-/// constant learning rate (1e-3 with Adam), everything else with `dense_lr` and `dense_schedule`.
+/// The usual split for memory layers (PKM, Memory Layers at Scale): the row-sparse table (PEER's
+/// "experts", a product-key memory's "values") with its own, constant learning rate (1e-3 with Adam),
+/// everything else with `dense_lr` and `dense_schedule`.
 inline std::vector<ParamGroup> default_param_groups(double dense_lr, LrSchedule dense_schedule = LrSchedule(),
                                                      double expert_lr = 1e-3, double dense_weight_decay = 0.0) {
-  return {ParamGroup{"experts", {"experts"}, expert_lr, 0.0, LrSchedule()},
+  return {ParamGroup{"experts", {"experts", "values"}, expert_lr, 0.0, LrSchedule()},
           ParamGroup{"dense", {""}, dense_lr, dense_weight_decay, dense_schedule}};
 }
 
