@@ -4,6 +4,10 @@
 
 #include <cstdint>
 
+#if defined(__linux__)
+#include <sys/resource.h>
+#endif
+
 #include <benchmark/benchmark.h>
 #include <peer/peer.hpp>
 
@@ -29,6 +33,15 @@ inline peer::IdMatrix random_ids(long rows, long cols, std::int64_t limit, std::
     ids.data()[i] = static_cast<peer::ExpertId>(rng.bits(static_cast<std::uint64_t>(i)) % static_cast<std::uint64_t>(limit));
   }
   return ids;
+}
+
+/// Peak resident set size of this process so far, in bytes (0 where getrusage is unavailable).
+inline double peak_resident_bytes() {
+#if defined(__linux__)
+  rusage usage{};
+  if (getrusage(RUSAGE_SELF, &usage) == 0) return static_cast<double>(usage.ru_maxrss) * 1024.0;  // KiB on Linux
+#endif
+  return 0.0;
 }
 
 /// tokens/s, GFLOP/s and GB/s counters for `tokens` tokens per iteration.

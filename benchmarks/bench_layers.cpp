@@ -62,6 +62,16 @@ void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, in
   bench::set_time_per_token(state, static_cast<double>(b));
   state.counters["params"] = static_cast<double>(layer.total_parameters());
   state.counters["active"] = static_cast<double>(layer.active_parameters_per_token());
+  // Memory: what the model must hold (parameters, buffers and, for the training step, the optimizer's
+  // state) against the process's peak resident set. The peak is the process's, so it means something
+  // only when the case runs alone: --benchmark_filter=<one case>.
+  double model = static_cast<double>(layer.layout().num_parameters() + layer.layout().buffer_size()) * sizeof(float);
+  if (adam) {
+    for (const auto& t : adam->state_tensors()) model += static_cast<double>(t.rows * t.cols) * sizeof(float);
+    for (const auto& c : adam->state_counters()) model += static_cast<double>(c.size) * sizeof(std::int64_t);
+  }
+  state.counters["model_GiB"] = model / (1 << 30);
+  state.counters["peak_GiB"] = bench::peak_resident_bytes() / (1 << 30);
 }
 
 peer::PeerConfig peer_config(long d, long n) {

@@ -16,6 +16,15 @@
 namespace peer {
 
 /// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
+/// How many rows ahead the expert and value kernels prefetch the rows they will read next (0 turns it
+/// off). Whether it pays depends on the machine: on the project's AVX2 EPYC host it made the expert forward
+/// about 25% faster at D = 256 (2 ahead; 1 or 4 gained nothing); on Sapphire Rapids (../shared/MACHINE.md)
+/// and on the AVX-512 EPYC host it lost (docs/benchmarks.md has the figures). Define it before including
+/// peer headers to override the default.
+#ifndef PEER_PREFETCH_ROWS
+#define PEER_PREFETCH_ROWS 2
+#endif
+
 /// Asks the CPU to start loading [p, p + bytes) into cache, one request per 64-byte line (a hint: no
 /// effect on results; nothing where the compiler has no prefetch builtin). Random rows of a table far
 /// larger than the cache stall on DRAM latency at each row start; the kernels call this a few rows ahead.
@@ -59,9 +68,7 @@ class RowTable {
   Scalar* data() { return data_; }
   const Scalar* data() const { return data_; }
 
-  /// Asks the CPU to start loading row i (every cache line of it). The expert kernels call this two
-  /// slots ahead: on the project's machine (4 KiB pages, random rows of a 2 GiB table) it made the expert
-  /// forward about 25% faster at D = 256, while 1 or 4 slots ahead gained nothing (docs/benchmarks.md).
+  /// Asks the CPU to start loading row i (every cache line of it); see PEER_PREFETCH_ROWS.
   void prefetch(Index i) const { prefetch_bytes(row(i), cols_ * static_cast<Index>(sizeof(Scalar))); }
 
   MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(data_, rows_, cols_, Eigen::OuterStride<>(cols_)); }

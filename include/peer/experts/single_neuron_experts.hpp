@@ -52,8 +52,8 @@ class SingleNeuronExperts {
  public:
   /// Tokens per parallel chunk.
   static constexpr Index kTokenGrain = 16;
-  /// How many slots ahead the kernels prefetch expert rows (see RowTable::prefetch).
-  static constexpr Index kPrefetchSlots = 2;
+  /// How many slots ahead the kernels prefetch expert rows (0: none; see PEER_PREFETCH_ROWS in row_table.hpp).
+  static constexpr Index kPrefetchSlots = PEER_PREFETCH_ROWS;
   /// The table's parameter name in a layer.
   static constexpr const char* kTableName = "experts";
 
@@ -115,7 +115,7 @@ class SingleNeuronExperts {
         yt.setZero();
         const auto xt = x.row(t);
         for (Index s = 0; s < slots; ++s) {
-          if (s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
+          if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
           const Scalar* row = table.row(ids(t, s));
           const Eigen::Map<const RowVec> u(row, d), v(row + d, d);
           const Scalar zs = u.dot(xt);
@@ -152,7 +152,7 @@ class SingleNeuronExperts {
       for (Index t = t0; t < t1; ++t) {
         const auto dyt = dy.row(t);
         for (Index s = 0; s < slots; ++s) {
-          if (s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
+          if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
           const Scalar* row = table.row(ids(t, s));
           const Eigen::Map<const RowVec> u(row, d), v(row + d, d);
           const Scalar dh = v.dot(dyt);

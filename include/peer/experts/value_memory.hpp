@@ -39,8 +39,8 @@ class ValueMemory {
  public:
   /// Tokens per parallel chunk.
   static constexpr Index kTokenGrain = 16;
-  /// How many slots ahead the kernels prefetch value rows (see RowTable::prefetch).
-  static constexpr Index kPrefetchSlots = 2;
+  /// How many slots ahead the kernels prefetch value rows (0: none; see PEER_PREFETCH_ROWS in row_table.hpp).
+  static constexpr Index kPrefetchSlots = PEER_PREFETCH_ROWS;
   /// The table's parameter name in a layer.
   static constexpr const char* kTableName = "values";
 
@@ -95,7 +95,7 @@ class ValueMemory {
         auto yt = y.row(t);
         yt.setZero();
         for (Index s = 0; s < slots; ++s) {
-          if (s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
+          if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
           yt += gates(t, s) * Eigen::Map<const RowVec>(table.row(ids(t, s)), d);
         }
       }
@@ -120,7 +120,7 @@ class ValueMemory {
     parallel_for(b_count, kTokenGrain, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
         for (Index s = 0; s < slots; ++s) {
-          if (s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
+          if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
           dgates(t, s) = Eigen::Map<const RowVec>(table.row(ids(t, s)), d).dot(dy.row(t));
           ws.coef[static_cast<std::size_t>(t * slots + s)] = gates(t, s);
         }
