@@ -94,6 +94,11 @@ TEST(RowSparseGrad, AddMergesSortedRowsAndSumsDuplicates) {
   EXPECT_EQ(g.values()(3, 1), 60);
   EXPECT_EQ(g.find(10)[0], 3);
   EXPECT_EQ(g.find(11), nullptr);
+  // Reserving room keeps the stored rows and their values.
+  g.reserve_rows(1000);
+  ASSERT_EQ(g.ids(), (std::vector<peer::ExpertId>{1, 3, 10, 12}));
+  EXPECT_EQ(g.values()(1, 1), 2 + 40);
+  EXPECT_EQ(g.values()(3, 1), 60);
   g.clear();
   EXPECT_TRUE(g.empty());
 }

@@ -12,6 +12,7 @@
 /// any thread count. An empty gradient receives the rows in place; otherwise they are summed aside and
 /// merged (RowSparseGrad::add), so a gradient pre-filled with G ends as exactly G + delta.
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -44,6 +45,7 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   group_by_key(ws.keys.data(), items, num_rows, ws.groups);
   const KeyGroups& g = ws.groups;
   const bool direct = grad.empty();
+  if (direct) grad.reserve_rows(std::min(items, num_rows));  // the most rows a batch of this size can touch
   if (!direct) ws.rows.resize(g.num_groups(), cols);
   MatrixMap<Scalar> out(direct ? grad.reset(g.keys).data() : ws.rows.data(), g.num_groups(), cols,
                         Eigen::OuterStride<>(cols));

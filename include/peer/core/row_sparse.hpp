@@ -45,6 +45,20 @@ class RowSparseGrad {
   /// Drops every row; keeps the allocated memory for the next batch.
   void clear() { ids_.clear(); }
 
+  /// Makes room for `rows` rows without moving the stored ones again until a batch touches more. The
+  /// memory is only reserved: pages the rows never reach are never touched, so reserving the most rows a
+  /// batch can touch (scatter_rows does) costs address space, not resident memory, and spares every
+  /// later batch that touches a few more rows than any before it a fresh allocation and a page fault
+  /// on every 4 KiB of it (about 116,000 faults for the 475 MiB gradient of a 2048-token batch at D = 256).
+  void reserve_rows(Index rows) {
+    const std::size_t n = static_cast<std::size_t>(rows * cols_);
+    if (n <= capacity_) return;
+    std::unique_ptr<Scalar[]> grown(new Scalar[n]);
+    if (!ids_.empty()) std::memcpy(grown.get(), values_.get(), ids_.size() * static_cast<std::size_t>(cols_) * sizeof(Scalar));
+    values_ = std::move(grown);
+    capacity_ = n;
+  }
+
   /// Replaces the content by `ids` (strictly ascending) and returns the [ids.size(), cols] values, which
   /// the caller must fill: their contents are unspecified. (Not zeroing them saves a pass over the whole
   /// gradient per step: 236 MiB for a 1024-token batch at D = 256.) Memory is reused across batches and
@@ -94,10 +108,12 @@ class RowSparseGrad {
 
  private:
   // Capacity for n scalars, contents unspecified (new Scalar[] leaves float and double uninitialized).
+  // Grows by at least half, so that batches touching slowly more rows do not reallocate every time.
   void reserve_values(std::size_t n) {
     if (n <= capacity_) return;
-    values_.reset(new Scalar[n]);
-    capacity_ = n;
+    const std::size_t grown = std::max(n, capacity_ + capacity_ / 2);
+    values_.reset(new Scalar[grown]);
+    capacity_ = grown;
   }
 
   Index cols_ = 0;

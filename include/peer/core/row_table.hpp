@@ -17,10 +17,11 @@ namespace peer {
 
 /// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
 /// How many rows ahead the expert and value kernels prefetch the rows they will read next (0 turns it
-/// off). Whether it pays depends on the machine: on the project's AVX2 EPYC host it made the expert forward
-/// about 25% faster at D = 256 (2 ahead; 1 or 4 gained nothing); on Sapphire Rapids (../shared/MACHINE.md)
-/// and on the AVX-512 EPYC host it lost (docs/benchmarks.md has the figures). Define it before including
-/// peer headers to override the default.
+/// off). Whether it pays depends on the machine: on an AVX2 EPYC host it made the expert forward about 25%
+/// faster at D = 256 (2 ahead; 1 or 4 gained nothing); on an AVX-512 Xeon host (AMX, the kind
+/// ../shared/MACHINE.md describes) the fused expert kernels ran 1-7% faster with it, while a plain row
+/// gather without compute lost up to 22% at D = 512 (docs/benchmarks.md has the figures). Define it before
+/// including peer headers to override the default.
 #ifndef PEER_PREFETCH_ROWS
 #define PEER_PREFETCH_ROWS 2
 #endif
