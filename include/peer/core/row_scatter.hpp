@@ -14,7 +14,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "peer/core/key_groups.hpp"
 #include "peer/core/parallel.hpp"
@@ -22,6 +27,40 @@
 #include "peer/core/types.hpp"
 
 namespace peer {
+
+namespace detail {
+
+/// dst[0, n) = src[0, n), bit for bit, with non-temporal (streaming) stores where the CPU has them and dst
+/// is 16-byte aligned, else memcpy. A gradient row is written once and read again only by the optimizer,
+/// after far more data than the caches hold; an ordinary store first loads the line it writes (a read for
+/// ownership), so streaming the rows saves a third of the scatter's memory traffic. Call
+/// streaming_fence() before other threads read what was stored.
+template <typename Scalar>
+inline void store_streaming(Scalar* dst, const Scalar* src, Index n) {
+  const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(Scalar);
+#if defined(__SSE2__)
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 == 0) {
+    char* d = reinterpret_cast<char*>(dst);
+    const char* s = reinterpret_cast<const char*>(src);
+    std::size_t i = 0;
+    for (; i + 16 <= bytes; i += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    }
+    std::memcpy(d + i, s + i, bytes - i);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+/// Orders the streaming stores of this thread before whatever it does next.
+inline void streaming_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace detail
 
 /// Reusable memory of scatter_rows.
 template <typename Scalar>
@@ -49,14 +88,24 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   if (!direct) ws.rows.resize(g.num_groups(), cols);
   MatrixMap<Scalar> out(direct ? grad.reset(g.keys).data() : ws.rows.data(), g.num_groups(), cols,
                         Eigen::OuterStride<>(cols));
+  // Each row is summed in a buffer that stays in L1, then stored: streamed into the gradient, plainly into
+  // the aside rows (which the merge reads at once).
+  using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int) {
+    RowVec buffer(cols);
     for (Index gi = g0; gi < g1; ++gi) {
-      auto row = out.row(gi);
+      Eigen::Map<RowVec> row(buffer.data(), cols);
       row.setZero();
       for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
         add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
       }
+      if (direct) {
+        detail::store_streaming(out.row(gi).data(), buffer.data(), cols);
+      } else {
+        out.row(gi) = buffer;
+      }
     }
+    detail::streaming_fence();
   });
   if (!direct) grad.add(g.keys, ws.rows.data());
 }
