@@ -84,8 +84,11 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   group_by_key(ws.keys.data(), items, num_rows, ws.groups);
   const KeyGroups& g = ws.groups;
   const bool direct = grad.empty();
-  if (direct) grad.reserve_rows(std::min(items, num_rows));  // the most rows a batch of this size can touch
-  if (!direct) ws.rows.resize(g.num_groups(), cols);
+  if (direct) {
+    grad.reserve_rows(std::min(items, num_rows));  // the most rows a batch of this size can touch
+  } else {
+    ws.rows.resize(g.num_groups(), cols);
+  }
   MatrixMap<Scalar> out(direct ? grad.reset(g.keys).data() : ws.rows.data(), g.num_groups(), cols,
                         Eigen::OuterStride<>(cols));
   // Each row is summed in a buffer that stays in L1, then stored: streamed into the gradient, plainly into

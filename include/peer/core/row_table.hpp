@@ -15,7 +15,6 @@
 
 namespace peer {
 
-/// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
 /// How many rows ahead the expert and value kernels prefetch the rows they will read next (0 turns it
 /// off). Whether it pays depends on the machine: on an AVX2 EPYC host it made the expert forward about 25%
 /// faster at D = 256 (2 ahead; 1 or 4 gained nothing); on an AVX-512 Xeon host (AMX, the kind
@@ -39,6 +38,7 @@ inline void prefetch_bytes(const void* p, Index bytes) {
 #endif
 }
 
+/// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
 template <typename Scalar>
 class RowTable {
  public:

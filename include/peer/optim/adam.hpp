@@ -148,19 +148,20 @@ class Adam : public detail::OptimizerCore<Scalar> {
   static void update(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar* v, Index b, Index e) {
     using BlockMap = Eigen::Map<Block>;
     using ConstBlockMap = Eigen::Map<const Block>;
+    using Span = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     Index i = b;
     for (; i + kBlock <= e; i += kBlock) update_block(c, BlockMap(p + i), ConstBlockMap(g + i), BlockMap(m + i), BlockMap(v + i));
     if (i == e) return;
     const Index n = e - i;
     Block tp = Block::Zero(), tg = Block::Zero(), tm = Block::Zero(), tv = Block::Zero();
-    tp.head(n) = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(p + i, n);
+    tp.head(n) = Span(p + i, n);
     tg.head(n) = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(g + i, n);
-    tm.head(n) = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(m + i, n);
-    tv.head(n) = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(v + i, n);
+    tm.head(n) = Span(m + i, n);
+    tv.head(n) = Span(v + i, n);
     update_block(c, tp, tg, tm, tv);
-    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(p + i, n) = tp.head(n);
-    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(m + i, n) = tm.head(n);
-    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>(v + i, n) = tv.head(n);
+    Span(p + i, n) = tp.head(n);
+    Span(m + i, n) = tm.head(n);
+    Span(v + i, n) = tv.head(n);
   }
 
   // One block: with decoupled decay p -= lr wd p (AdamW), else g += wd p (L2); then
