@@ -62,7 +62,7 @@ struct ExpertSetup {
 // The naive version's state: the gathered rows [B S, 2D] and the per-slot row gradients [B S, 2D].
 struct Naive {
   bench::Mat gathered, row_grads;
-  peer::RowScatterWorkspace<float> scatter;
+  peer::detail::RowScatterWorkspace<float> scatter;
 };
 
 // Naive forward: gather, then compute on the dense copy.
@@ -113,7 +113,7 @@ void naive_backward(const ExpertSetup& s, Naive& nv, const bench::Mat& z, bench:
     }
   });
   grad.clear();
-  peer::scatter_rows(s.ids, s.experts.num_experts(), cols, grad, nv.scatter,
+  peer::detail::scatter_rows(s.ids, s.experts.num_experts(), cols, grad, nv.scatter,
                      [&](peer::Index item, auto row) { row += nv.row_grads.row(item); });
 }
 

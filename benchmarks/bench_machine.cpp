@@ -53,7 +53,7 @@ void blocked_gemm(Gemm kind, const A& a, const B& b, bench::Mat& c, long grain) 
   peer::parallel_for(a.rows(), grain, [&](peer::Index begin, peer::Index end, int) {
     auto rows = c.middleRows(begin, end - begin);
     if (kind == Gemm::kPeer) {
-      peer::detail::gemm(a.middleRows(begin, end - begin), b, rows, 1.0f, true);
+      peer::detail::gemm(a.middleRows(begin, end - begin), b, rows, 1.0f, peer::detail::GemmUpdate::kAccumulate);
     } else {
       rows.noalias() += a.middleRows(begin, end - begin) * b;
     }
@@ -95,7 +95,7 @@ void run_gemm_sub_keys(benchmark::State& state, Gemm kind) {
       bench::Mat& s = scores[static_cast<std::size_t>(thread)];
       const auto a = q.middleRows(t0 * tile_rows, tile_rows);
       if (kind == Gemm::kPeer) {
-        peer::detail::gemm(a, keys.transpose(), s, 1.0f, true);
+        peer::detail::gemm(a, keys.transpose(), s, 1.0f, peer::detail::GemmUpdate::kAccumulate);
       } else {
         s.noalias() += a * keys.transpose();
       }

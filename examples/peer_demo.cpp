@@ -143,7 +143,7 @@ void throughput_part(const Options& o, int threads) {
   std::vector<double> dfwd, dbwd;
   for (long r = 0; r <= o.reps; ++r) {
     start = Clock::now();
-    ffw.forward(ffw_params, x, yd, ffw_cache);
+    ffw.forward(ffw_params, x, yd, ffw_cache, peer::Mode::kTrain);
     const double tf = seconds_since(start);
     ffw_grads.zero();
     dxd.setZero();

@@ -27,7 +27,7 @@ TEST(Contracts, ForwardAssignsAndBackwardAddsExactlyOnce) {
 
   // Reference deltas from zeroed gradients.
   Mat<float> y(11, 8);
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   auto delta = layer.make_gradients();
   Mat<float> dx_delta = Mat<float>::Zero(11, 8);
   layer.backward(params, cache, dy, dx_delta, delta);
@@ -35,7 +35,7 @@ TEST(Contracts, ForwardAssignsAndBackwardAddsExactlyOnce) {
   // Same again with sentinels: NaN outputs, gradients pre-filled with 9.
   Mat<float> y2(11, 8);
   y2.setConstant(std::numeric_limits<float>::quiet_NaN());
-  layer.forward(params, x, y2, cache);
+  layer.forward(params, x, y2, cache, peer::Mode::kTrain);
   EXPECT_TRUE(y2.allFinite()) << "forward must assign every output";
   EXPECT_EQ(y2, y);
   auto grads = layer.make_gradients();
@@ -76,7 +76,7 @@ TEST(Contracts, SkippingDxStillProducesParameterGradients) {
   const Mat<double> x = random_matrix<double>(5, 8, 1);
   Mat<double> y(5, 8), none;
   peer::PeerLayer<double>::Cache cache;
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   auto grads = layer.make_gradients();
   layer.backward(params, cache, y, none, grads);
   EXPECT_GT(grads.find_dense("query.weight").norm(), 0.0);
@@ -99,7 +99,7 @@ Outputs run_with_threads(int threads, peer::KeySharing sharing, peer::QueryNorm 
   Outputs out;
   out.y.resize(333, 48);
   peer::PeerLayer<float>::Cache cache;
-  layer.forward(params, x, out.y, cache);
+  layer.forward(params, x, out.y, cache, peer::Mode::kTrain);
   auto grads = layer.make_gradients();
   out.dx = Mat<float>::Zero(333, 48);
   layer.backward(params, cache, random_matrix<float>(333, 48, 4), out.dx, grads);
@@ -165,8 +165,8 @@ TEST(Contracts, EveryShapeAndStateErrorIsRejected) {
   peer::PeerLayer<float>::Cache cache;
   Mat<float> x = random_matrix<float>(6, 8, 1), y(6, 8);
   Mat<float> x_bad = random_matrix<float>(6, 9, 1), y_bad(5, 8);
-  expect_error<std::invalid_argument>([&] { layer.forward(params, x_bad, y, cache); }, "x has shape [6, 9] but must be [6, 8]");
-  expect_error<std::invalid_argument>([&] { layer.forward(params, x, y_bad, cache); }, "y has shape [5, 8] but must be [6, 8]");
+  expect_error<std::invalid_argument>([&] { layer.forward(params, x_bad, y, cache, peer::Mode::kTrain); }, "x has shape [6, 9] but must be [6, 8]");
+  expect_error<std::invalid_argument>([&] { layer.forward(params, x, y_bad, cache, peer::Mode::kTrain); }, "y has shape [5, 8] but must be [6, 8]");
   auto grads = layer.make_gradients();
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, x, grads); }, "the cache holds no forward pass");
   peer::RowMask mask = peer::RowMask::Constant(5, true);
@@ -176,7 +176,7 @@ TEST(Contracts, EveryShapeAndStateErrorIsRejected) {
   one[2] = true;
   expect_error<std::invalid_argument>([&] { layer.forward(params, x, y, cache, peer::Mode::kTrain, &one); },
                                       "unmasked rows = 1 must be >= 2");
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   Mat<float> dy_bad(6, 7), dx_bad(4, 8);
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, dy_bad, x, grads); }, "dy has shape [6, 7] but must be [6, 8]");
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, dx_bad, grads); }, "dx has shape [4, 8] but must be [6, 8]");
@@ -184,11 +184,11 @@ TEST(Contracts, EveryShapeAndStateErrorIsRejected) {
   other.num_heads = 3;
   peer::PeerLayer<float> other_layer(other);
   auto other_params = other_layer.make_parameters(1);
-  expect_error<std::invalid_argument>([&] { layer.forward(other_params, x, y, cache); }, "params were made for a different layout");
+  expect_error<std::invalid_argument>([&] { layer.forward(other_params, x, y, cache, peer::Mode::kTrain); }, "params were made for a different layout");
   auto other_grads = other_layer.make_gradients();
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, x, other_grads); }, "grads were made for a different layout");
   x(3, 4) = std::numeric_limits<float>::infinity();
-  expect_error<std::domain_error>([&] { layer.forward(params, x, y, cache); }, "x has a non-finite value inf at [3, 4]");
+  expect_error<std::domain_error>([&] { layer.forward(params, x, y, cache, peer::Mode::kTrain); }, "x has a non-finite value inf at [3, 4]");
 }
 
 // A user's own query network: q = 2 * tanh(x W^T), implementing the documented interface.
@@ -234,13 +234,13 @@ TEST(Contracts, AUserQueryNetworkPlugsIn) {
   const Mat<double> r = random_matrix<double>(5, 6, 2);
   Mat<double> y(5, 6);
   peer::PeerLayer<double, TanhQuery<double>>::Cache cache, probe;
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   auto grads = layer.make_gradients();
   Mat<double> dx = Mat<double>::Zero(5, 6);
   layer.backward(params, cache, r, dx, grads);
   auto loss = [&] {
     Mat<double> yp(5, 6);
-    layer.forward(params, x, yp, probe);
+    layer.forward(params, x, yp, probe, peer::Mode::kTrain);
     return (yp.array() * r.array()).sum();
   };
   auto same = [&] { return probe.ids == cache.ids; };

@@ -61,8 +61,8 @@ TEST(GroupByKey, IsAStableSortByKey) {
     const Index m = 1 + static_cast<Index>(gen() % 3000);
     std::vector<std::int32_t> keys(static_cast<std::size_t>(m));
     for (auto& x : keys) x = static_cast<std::int32_t>(gen() % static_cast<std::uint64_t>(std::min<std::int64_t>(limit, 40)) * (limit / 40 + 1) % limit);
-    peer::KeyGroups g;
-    peer::group_by_key(keys.data(), m, limit, g);
+    peer::detail::KeyGroups g;
+    peer::detail::group_by_key(keys.data(), m, limit, g);
     std::vector<std::int32_t> order(static_cast<std::size_t>(m));
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return keys[static_cast<std::size_t>(a)] < keys[static_cast<std::size_t>(b)]; });
@@ -148,9 +148,9 @@ TEST(Gemm, MatchesNaiveProductForEveryStorageOrder) {
     for (Index j = 0; j < 29; ++j)
       for (Index l = 0; l < 300; ++l) naive(i, j) += a(i, l) * b(l, j);
   Mat<double> c(37, 29);
-  peer::detail::gemm(a, b, c, 1.0, false);
+  peer::detail::gemm(a, b, c, 1.0, peer::detail::GemmUpdate::kAssign);
   EXPECT_LT((c - naive).cwiseAbs().maxCoeff(), 1e-11);
-  peer::detail::gemm(a, bt.transpose(), c, 2.0, true);  // c = naive + 2 naive
+  peer::detail::gemm(a, bt.transpose(), c, 2.0, peer::detail::GemmUpdate::kAccumulate);  // c = naive + 2 naive
   EXPECT_LT((c - 3 * naive).cwiseAbs().maxCoeff(), 1e-11);
 }
 

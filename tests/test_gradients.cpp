@@ -130,7 +130,7 @@ TEST(Gradients, TwoHeadsSelectingTheSameExpert) {
   auto params = layer.make_parameters(2024);
   peer::PeerLayer<double>::Cache cache;
   Mat<double> x = random_matrix<double>(7, 6, 6), y(7, 6);
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   bool shared = false;
   for (Index t = 0; t < 7; ++t) {
     std::vector<int> seen(cache.ids.row(t).data(), cache.ids.row(t).data() + 12);
@@ -173,13 +173,13 @@ TEST(Gradients, DenseFfwPlainAndGlu) {
     Mat<double> x = random_matrix<double>(6, 5, 1), y(6, 5);
     const Mat<double> r = random_matrix<double>(6, 5, 2);
     peer::DenseFfw<double>::Cache cache, probe;
-    ffw.forward(params, x, y, cache);
+    ffw.forward(params, x, y, cache, peer::Mode::kTrain);
     auto grads = ffw.make_gradients();
     Mat<double> dx = Mat<double>::Zero(6, 5);
     ffw.backward(params, cache, r, dx, grads);
     auto loss = [&] {
       Mat<double> yp(6, 5);
-      ffw.forward(params, x, yp, probe);
+      ffw.forward(params, x, yp, probe, peer::Mode::kTrain);
       return (yp.array() * r.array()).sum();
     };
     auto same = [] { return true; };

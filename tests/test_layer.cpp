@@ -151,8 +151,8 @@ TEST(PeerLayer, OutputMayOverwriteTheInput) {
   Mat<float> x = random_matrix<float>(7, 8, 4);
   Mat<float> y(7, 8);
   peer::PeerLayer<float>::Cache cache;
-  layer.forward(params, x, y, cache);
-  layer.forward(params, x, x, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
+  layer.forward(params, x, x, cache, peer::Mode::kTrain);
   EXPECT_EQ(x, y);
 }
 

@@ -253,7 +253,7 @@ TEST(Moe, TokensAreGroupedByExpertInAscendingOrderAndMemoryIsPerAssignment) {
     const Mat<double> x = random_matrix<double>(b, 6, 1);
     Mat<double> y(b, 6);
     peer::MoeFfw<double>::Cache cache;
-    layer.forward(params, x, y, cache);
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
     const Index m = routing == peer::MoeRouting::kTokenChoice ? b * 2 : 5 * c.capacity(b);
     EXPECT_EQ(cache.assignments(), m);
     EXPECT_EQ(cache.capacity, routing == peer::MoeRouting::kTokenChoice ? 0 : 7);  // ceil(17 * 2 / 5)
@@ -287,7 +287,7 @@ TEST(Moe, TiesGoToTheLowerIndex) {
     const Index b = 9;
     Mat<float> y(b, 4);
     peer::MoeFfw<float>::Cache cache;
-    layer.forward(params, random_matrix<float>(b, 4, 2), y, cache);
+    layer.forward(params, random_matrix<float>(b, 4, 2), y, cache, peer::Mode::kTrain);
     const auto routes = routes_of<float>(cache);
     for (Index t = 0; t < b; ++t) {
       const auto& r = routes[static_cast<std::size_t>(t)];
@@ -394,13 +394,13 @@ TEST(MoeContracts, ForwardAssignsAndBackwardAddsExactlyOnce) {
     peer::MoeFfw<float>::Cache cache;
 
     Mat<float> y(b, 8);
-    layer.forward(params, x, y, cache);
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
     auto delta = layer.make_gradients();
     Mat<float> dx_delta = Mat<float>::Zero(b, 8);
     layer.backward(params, cache, dy, dx_delta, delta);
 
     Mat<float> y2 = Mat<float>::Constant(b, 8, std::numeric_limits<float>::quiet_NaN());
-    layer.forward(params, x, y2, cache);
+    layer.forward(params, x, y2, cache, peer::Mode::kTrain);
     EXPECT_TRUE(y2.allFinite()) << "forward must assign every output";
     EXPECT_EQ(y2, y);
     auto grads = layer.make_gradients();
@@ -415,13 +415,13 @@ TEST(MoeContracts, ForwardAssignsAndBackwardAddsExactlyOnce) {
 
     // y may be x itself.
     Mat<float> inplace = x;
-    layer.forward(params, inplace, inplace, cache);
+    layer.forward(params, inplace, inplace, cache, peer::Mode::kTrain);
     EXPECT_EQ(inplace, y);
 
     // Skipping dx leaves every parameter gradient unchanged.
     auto skipped = layer.make_gradients();
     Mat<float> none;
-    layer.forward(params, x, y, cache);
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
     layer.backward(params, cache, dy, none, skipped);
     for (const auto& spec : layer.layout().dense()) {
       EXPECT_EQ(skipped.find_dense(spec.name), delta.find_dense(spec.name)) << spec.name;
@@ -512,12 +512,12 @@ TEST(MoeContracts, EveryShapeAndStateErrorIsRejected) {
   Mat<float> x_bad = random_matrix<float>(7, 5, 1), y_bad(6, 6);
   auto grads = layer.make_gradients();
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, x, grads); }, "MoeFfw::backward: the cache holds no forward pass");
-  expect_error<std::invalid_argument>([&] { layer.forward(params, x_bad, y, cache); }, "x has shape [7, 5] but must be [7, 6]");
-  expect_error<std::invalid_argument>([&] { layer.forward(params, x, y_bad, cache); }, "y has shape [6, 6] but must be [7, 6]");
+  expect_error<std::invalid_argument>([&] { layer.forward(params, x_bad, y, cache, peer::Mode::kTrain); }, "x has shape [7, 5] but must be [7, 6]");
+  expect_error<std::invalid_argument>([&] { layer.forward(params, x, y_bad, cache, peer::Mode::kTrain); }, "y has shape [6, 6] but must be [7, 6]");
   peer::RowMask mask = peer::RowMask::Constant(5, true);
   expect_error<std::invalid_argument>([&] { layer.forward(params, x, y, cache, peer::Mode::kTrain, &mask); },
                                       "row mask size = 5 must equal the batch size 7");
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   Mat<float> dy_bad(7, 4), dx_bad(3, 6);
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, dy_bad, x, grads); }, "dy has shape [7, 4] but must be [7, 6]");
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, dx_bad, grads); }, "dx has shape [3, 6] but must be [7, 6]");
@@ -526,15 +526,15 @@ TEST(MoeContracts, EveryShapeAndStateErrorIsRejected) {
   peer::MoeFfw<float> other_layer(other);
   auto other_params = other_layer.make_parameters(1);
   auto other_grads = other_layer.make_gradients();
-  expect_error<std::invalid_argument>([&] { layer.forward(other_params, x, y, cache); }, "params were made for a different layout");
+  expect_error<std::invalid_argument>([&] { layer.forward(other_params, x, y, cache, peer::Mode::kTrain); }, "params were made for a different layout");
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, x, other_grads); }, "grads were made for a different layout");
   expect_error<std::invalid_argument>([&] { layer.initialize(other_params, 1); }, "params were made for a different layout");
   x(3, 4) = std::numeric_limits<float>::quiet_NaN();
-  expect_error<std::domain_error>([&] { layer.forward(params, x, y, cache); }, "x has a non-finite value nan at [3, 4]");
+  expect_error<std::domain_error>([&] { layer.forward(params, x, y, cache, peer::Mode::kTrain); }, "x has a non-finite value nan at [3, 4]");
   EXPECT_TRUE(cache.ready) << "input checks run before the cache is touched: it still holds the last forward";
   x(3, 4) = 0.5f;
   params.find("moe.router.weight")(2, 1) = std::numeric_limits<float>::infinity();
-  expect_error<std::domain_error>([&] { layer.forward(params, x, y, cache); }, "router logits has a non-finite value");
+  expect_error<std::domain_error>([&] { layer.forward(params, x, y, cache, peer::Mode::kTrain); }, "router logits has a non-finite value");
   EXPECT_FALSE(cache.ready) << "a forward that failed half way must not leave a usable cache";
   expect_error<std::invalid_argument>([&] { layer.backward(params, cache, y, x, grads); }, "the cache holds no forward pass");
 }
@@ -547,7 +547,7 @@ TEST(MoeContracts, AnEmptyBatchIsANoOp) {
     auto params = layer.make_parameters(1);
     peer::MoeFfw<float>::Cache cache;
     Mat<float> x(0, 6), y(0, 6), dx(0, 6);
-    layer.forward(params, x, y, cache);
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
     EXPECT_EQ(cache.assignments(), 0);
     EXPECT_EQ(cache.aux_loss, 0.0f);
     auto grads = layer.make_gradients();

@@ -40,14 +40,14 @@ TEST(ProductKeyMemory, ForwardAssignsAndBackwardAddsExactlyOnce) {
   const Mat<float> x = random_matrix<float>(11, 8, 1), dy = random_matrix<float>(11, 8, 2);
   peer::ProductKeyMemory<float>::Cache cache;
   Mat<float> y(11, 8);
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   auto delta = layer.make_gradients();
   Mat<float> dx_delta = Mat<float>::Zero(11, 8);
   layer.backward(params, cache, dy, dx_delta, delta);
   EXPECT_GT(dx_delta.norm(), 0.0f) << "x reaches the output through the queries";
 
   Mat<float> y2 = Mat<float>::Constant(11, 8, std::numeric_limits<float>::quiet_NaN());
-  layer.forward(params, x, y2, cache);
+  layer.forward(params, x, y2, cache, peer::Mode::kTrain);
   EXPECT_EQ(y2, y);
   auto grads = layer.make_gradients();
   std::fill(grads.dense_data(), grads.dense_data() + layer.layout().dense_size(), 9.0f);
@@ -77,7 +77,7 @@ TEST(ProductKeyMemory, BitwiseIdenticalForOneTwoAndFourThreads) {
     const Mat<float> x = random_matrix<float>(301, 40, 3);
     Mat<float> y(301, 40), dx = Mat<float>::Zero(301, 40);
     peer::ProductKeyMemory<float>::Cache cache;
-    layer.forward(params, x, y, cache);
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
     auto grads = layer.make_gradients();
     layer.backward(params, cache, random_matrix<float>(301, 40, 4), dx, grads);
     layer.backward(params, cache, random_matrix<float>(301, 40, 6), dx, grads);  // the merge path

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <peer/peer.hpp>
+#include <peer/testing/gradient_check.hpp>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -34,6 +35,23 @@ Mat<S> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.0) 
   Mat<S> m(rows, cols);
   for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<S>(dist(gen));
   return m;
+}
+
+/// Every byte of a Parameters object's storage (dense, buffers, tables), for bitwise comparisons.
+template <typename S>
+std::vector<unsigned char> storage_bytes(const peer::Parameters<S>& p) {
+  std::vector<unsigned char> out;
+  auto add = [&](const S* d, Index n) {
+    const auto* c = reinterpret_cast<const unsigned char*>(d);
+    out.insert(out.end(), c, c + n * static_cast<Index>(sizeof(S)));
+  };
+  add(p.dense_data(), p.layout().dense_size());
+  add(p.buffer_data(), p.layout().buffer_size());
+  for (std::size_t t = 0; t < p.layout().tables().size(); ++t) {
+    const auto& table = p.table(peer::TableHandle{static_cast<int>(t)});
+    add(table.data(), table.rows() * table.cols());
+  }
+  return out;
 }
 
 /// A small PEER configuration for tests.
@@ -210,10 +228,9 @@ NaiveOutput naive_peer_forward(const peer::PeerConfig& c, peer::Parameters<S>& p
   return out;
 }
 
-/// Central-difference check of one tensor's gradient: for each listed entry e of `value`,
-/// (L(e + eps) - L(e - eps)) / (2 eps) against analytic(e), where loss() runs a forward and returns L.
-/// Entries whose perturbation changes the selected experts (checked by same_selection()) are skipped;
-/// returns the number checked.
+/// Central-difference check of one tensor's gradient with the library's public checker
+/// (peer/testing/gradient_check.hpp), every failure reported as a test failure. Entries whose
+/// perturbation changes the selected experts (same_selection() false) are skipped.
 struct GradCheckStats {
   int checked = 0;
   int skipped = 0;
@@ -225,29 +242,13 @@ inline GradCheckStats check_entries(const std::string& what, double* value, Inde
                                     const std::function<double()>& loss,
                                     const std::function<bool()>& same_selection, double eps = 1e-6,
                                     double rtol = 1e-6, double atol = 1e-8) {
-  GradCheckStats stats;
-  for (Index e = 0; e < count; ++e) {
-    const double saved = value[e];
-    value[e] = saved + eps;
-    const double lp = loss();
-    const bool same_p = same_selection();
-    value[e] = saved - eps;
-    const double lm = loss();
-    const bool same_m = same_selection();
-    value[e] = saved;
-    if (!same_p || !same_m) {
-      ++stats.skipped;
-      continue;
-    }
-    const double numeric = (lp - lm) / (2 * eps);
-    const double a = analytic(e);
-    const double err = std::abs(numeric - a);
-    stats.max_error = std::max(stats.max_error, err);
-    EXPECT_LE(err, atol + rtol * std::max(std::abs(numeric), std::abs(a)))
-        << what << " entry " << e << ": numeric " << numeric << " analytic " << a;
-    ++stats.checked;
-  }
-  return stats;
+  peer::testing::GradientCheckOptions options;
+  options.epsilon = eps;
+  options.rtol = rtol;
+  options.atol = atol;
+  const auto r = peer::testing::check_entries(what, value, count, analytic, loss, same_selection, options);
+  for (const auto& f : r.failures) ADD_FAILURE() << f;
+  return GradCheckStats{static_cast<int>(r.checked), static_cast<int>(r.skipped), r.max_error};
 }
 
 }  // namespace peer_test

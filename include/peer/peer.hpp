@@ -3,21 +3,19 @@
 #define PEER_PEER_HPP
 
 /// \file
-/// Umbrella header: everything a user of PEER layers needs.
+/// Umbrella header: everything a user of PEER layers needs. (Internals, in peer::detail, come in through the
+/// headers that use them; peer/testing/gradient_check.hpp is included on its own.)
 
 #include "peer/version.hpp"
 
 #include "peer/core/aligned_buffer.hpp"
 #include "peer/core/error.hpp"
-#include "peer/core/gemm.hpp"
+#include "peer/core/fields.hpp"
 #include "peer/core/gradients.hpp"
-#include "peer/core/key_groups.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameter_layout.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
-#include "peer/core/reduce.hpp"
-#include "peer/core/row_scatter.hpp"
 #include "peer/core/row_sparse.hpp"
 #include "peer/core/row_table.hpp"
 #include "peer/core/types.hpp"
@@ -37,12 +35,17 @@
 
 #include "peer/layers/dense_ffw.hpp"
 #include "peer/layers/moe.hpp"
+#include "peer/layers/moe_config.hpp"
 #include "peer/layers/expert_stats.hpp"
 #include "peer/layers/gating.hpp"
 #include "peer/layers/peer_config.hpp"
 #include "peer/layers/peer_layer.hpp"
 #include "peer/layers/product_key_layer.hpp"
 #include "peer/layers/product_key_memory.hpp"
+
+#include "peer/model/feed_forward.hpp"
+#include "peer/model/model_layout.hpp"
+#include "peer/model/raw_views.hpp"
 
 #include "peer/optim/adam.hpp"
 #include "peer/optim/optimizer.hpp"

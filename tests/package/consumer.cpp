@@ -1,5 +1,7 @@
-// A user's program: build a small PEER layer, run forward and backward, check the output is finite.
+// A user's program: build a small PEER layer, run forward and backward, check the output is finite; then
+// the same layer inside a model set, served by the inference path, and the public gradient checker.
 #include <peer/peer.hpp>
+#include <peer/testing/gradient_check.hpp>
 
 #include <iostream>
 
@@ -17,9 +19,27 @@ int main() {
   peer::PeerLayer<float>::Cache cache;
   peer::RowMatrix<float> x = peer::RowMatrix<float>::Random(8, 16);
   peer::RowMatrix<float> y(8, 16), dx = peer::RowMatrix<float>::Zero(8, 16);
-  layer.forward(params, x, y, cache);
+  layer.forward(params, x, y, cache, peer::Mode::kTrain);
   layer.backward(params, cache, y, dx, grads);
-  const bool ok = y.allFinite() && dx.allFinite() && grads.find_table("experts").size() > 0;
+  bool ok = y.allFinite() && dx.allFinite() && grads.find_table("experts").size() > 0;
+  // The model set and the inference path.
+  peer::ModelLayout model;
+  const int l = model.add_layer("blocks.0.ffn.", layer.layout());
+  peer::Parameters<float> model_params(model.layout());
+  peer::LayerViews<float> views(model, model_params);
+  layer.initialize(views.params(l), 7);
+  peer::PeerLayer<float>::Workspace ws;
+  peer::RowMatrix<float> y2(8, 16);
+  layer.infer(peer::layer_parameters(static_cast<const peer::Parameters<float>&>(model_params), model, l), x, y2, ws);
+  ok = ok && y2.allFinite();
+  // The gradient checker on a double layer, routing held fixed.
+  peer::PeerLayer<double> checked(config);
+  auto dparams = checked.make_parameters(3);
+  peer::testing::GradientCheckOptions options;
+  options.max_entries = 8;
+  const auto result = peer::testing::check_layer_gradients(checked, dparams, peer::RowMatrix<double>::Random(6, 16),
+                                                           peer::Mode::kTrain, 1, options);
+  ok = ok && result.ok() && result.checked > 0;
   std::cout << "peer " << peer::version() << (ok ? ": consumer ok\n" : ": consumer FAILED\n");
   return ok ? 0 : 1;
 }

@@ -156,7 +156,7 @@ class CausalSelfAttention {
         for (Index r0 = 0; r0 < seq; r0 += kTile) {
           const Index rows = std::min(kTile, seq - r0), c = r0 + rows;
           auto s = cache.p.block(base + r0, 0, rows, c);
-          peer::detail::gemm(q.middleRows(r0, rows), k.topRows(c).transpose(), s, alpha, false);
+          peer::detail::gemm(q.middleRows(r0, rows), k.topRows(c).transpose(), s, alpha, peer::detail::GemmUpdate::kAssign);
           for (Index r = 0; r < rows; ++r) {
             const Index last = r0 + r;  // keys [0, last] are visible
             Scalar mx = s(r, 0);
@@ -170,7 +170,7 @@ class CausalSelfAttention {
             for (Index j = 0; j <= last; ++j) s(r, j) *= inv;
             for (Index j = last + 1; j < c; ++j) s(r, j) = 0;
           }
-          peer::detail::gemm(s, v.topRows(c), o.middleRows(r0, rows), Scalar(1), false);
+          peer::detail::gemm(s, v.topRows(c), o.middleRows(r0, rows), Scalar(1), peer::detail::GemmUpdate::kAssign);
         }
         for (Index t = 0; t < seq; ++t) cache.merged.row(b * seq + t).segment(h * dh, dh) = o.row(t);
       }
@@ -211,8 +211,8 @@ class CausalSelfAttention {
           const auto p = cache.p.block(base + r0, 0, rows, c);
           auto ds = cache.dp.block(base + r0, 0, rows, c);
           const auto dout_tile = dout.middleRows(r0, rows);
-          peer::detail::gemm(dout_tile, v.topRows(c).transpose(), ds, Scalar(1), false);  // dP
-          peer::detail::gemm(p.transpose(), dout_tile, dv.topRows(c), Scalar(1), true);   // dV += P^T dO
+          peer::detail::gemm(dout_tile, v.topRows(c).transpose(), ds, Scalar(1), peer::detail::GemmUpdate::kAssign);  // dP
+          peer::detail::gemm(p.transpose(), dout_tile, dv.topRows(c), Scalar(1), peer::detail::GemmUpdate::kAccumulate);   // dV += P^T dO
           for (Index r = 0; r < rows; ++r) {
             const Index last = r0 + r;
             Scalar dot = 0;
@@ -220,8 +220,8 @@ class CausalSelfAttention {
             for (Index j = 0; j <= last; ++j) ds(r, j) = p(r, j) * (ds(r, j) - dot);
             for (Index j = last + 1; j < c; ++j) ds(r, j) = 0;
           }
-          peer::detail::gemm(ds, k.topRows(c), dq.middleRows(r0, rows), alpha, false);       // dQ = dS K a
-          peer::detail::gemm(ds.transpose(), q.middleRows(r0, rows), dk.topRows(c), alpha, true);  // dK += dS^T Q a
+          peer::detail::gemm(ds, k.topRows(c), dq.middleRows(r0, rows), alpha, peer::detail::GemmUpdate::kAssign);       // dQ = dS K a
+          peer::detail::gemm(ds.transpose(), q.middleRows(r0, rows), dk.topRows(c), alpha, peer::detail::GemmUpdate::kAccumulate);  // dK += dS^T Q a
         }
         if (config_.positions == PositionKind::kRotary) {
           rotate(dq, true);

@@ -133,7 +133,7 @@ class OutputHead {
   void forward(const peer::Parameters<Scalar>& params, const ConstMatRef<Scalar>& h, MatRef<Scalar> logits) const {
     const auto w = params.dense(weight_);
     peer::parallel_for(h.rows(), kRowGrain, [&](Index begin, Index end, int) {
-      peer::detail::gemm(h.middleRows(begin, end - begin), w.transpose(), logits.middleRows(begin, end - begin), Scalar(1), false);
+      peer::detail::gemm(h.middleRows(begin, end - begin), w.transpose(), logits.middleRows(begin, end - begin), Scalar(1), peer::detail::GemmUpdate::kAssign);
     });
   }
 
@@ -148,13 +148,13 @@ class OutputHead {
     scratch.dh.resize(h.rows(), dim_);
     peer::parallel_for(h.rows(), kRowGrain, [&](Index begin, Index end, int) {
       auto rows = scratch.dh.middleRows(begin, end - begin);
-      peer::detail::gemm(dlogits.middleRows(begin, end - begin), w, rows, Scalar(1), false);
+      peer::detail::gemm(dlogits.middleRows(begin, end - begin), w, rows, Scalar(1), peer::detail::GemmUpdate::kAssign);
       dh.middleRows(begin, end - begin) += rows;
     });
     scratch.dw.resize(vocab_, dim_);
     peer::parallel_for(vocab_, 32, [&](Index begin, Index end, int) {
       auto rows = scratch.dw.middleRows(begin, end - begin);
-      peer::detail::gemm(dlogits.middleCols(begin, end - begin).transpose(), h, rows, Scalar(1), false);
+      peer::detail::gemm(dlogits.middleCols(begin, end - begin).transpose(), h, rows, Scalar(1), peer::detail::GemmUpdate::kAssign);
     });
     grads.dense(weight_) += scratch.dw;
   }

@@ -120,11 +120,7 @@ class Trainer {
     if (options_.evals > 0) options_.eval_every = std::max<std::int64_t>(1, total_steps_ / options_.evals);
     const std::int64_t warmup = std::min(options_.warmup, total_steps_ / 5);
     const peer::LrSchedule schedule = peer::LrSchedule::cosine(warmup, std::max<std::int64_t>(total_steps_, warmup + 1), options_.min_lr_factor);
-    main_opt_ = std::make_unique<peer::Adam<Scalar>>(model_.layout(), groups(model_.layout(), schedule), peer::AdamConfig::adamw());
-    for (Index l = 0; l < model_.num_layers(); ++l) {
-      ffn_opt_.push_back(std::make_unique<peer::Adam<Scalar>>(model_.ffn(l).layout(), groups(model_.ffn(l).layout(), schedule),
-                                                               peer::AdamConfig::adamw()));
-    }
+    optimizer_ = std::make_unique<peer::Adam<Scalar>>(model_.layout(), groups(model_.layout(), schedule), peer::AdamConfig::adamw());
     if (corpus_.train.size() <= static_cast<std::size_t>(config.context + 1) ||
         corpus_.validation.size() <= static_cast<std::size_t>(config.context + 1)) {
       throw std::invalid_argument("the text is too short for the context: training and validation parts need more than context + 1 bytes");
@@ -132,7 +128,7 @@ class Trainer {
   }
 
   const Transformer<Scalar>& model() const { return model_; }
-  ModelParameters<Scalar>& parameters() { return params_; }
+  peer::Parameters<Scalar>& parameters() { return params_; }
   const TrainOptions& options() const { return options_; }
   std::int64_t step() const { return step_; }
   std::int64_t total_steps() const { return total_steps_; }
@@ -149,9 +145,8 @@ class Trainer {
     const double loss = model_.loss(cache_, targets_, true);
     grads_.zero();
     model_.backward(params_, cache_, grads_);
-    if (options_.clip > 0) grads_.clip(options_.clip);
-    main_opt_->step(params_.main, grads_.main);
-    for (std::size_t l = 0; l < ffn_opt_.size(); ++l) ffn_opt_[l]->step(params_.ffn[l], grads_.ffn[l]);
+    if (options_.clip > 0) peer::clip_gradient_norm(grads_, options_.clip);  // the whole model's norm
+    optimizer_->step(params_, grads_);
     ++step_;
     return loss;
   }
@@ -207,13 +202,8 @@ class Trainer {
   void register_checkpoint(peer::TrainingCheckpoint& ckpt) {
     ckpt.add_config("lm", model_.to_fields());
     ckpt.add_config("train", {{"seed", std::to_string(options_.seed)}, {"batch", std::to_string(options_.batch)}});
-    ckpt.add_parameters("main", params_.main);
-    ckpt.add_optimizer("main_opt", *main_opt_);
-    for (Index l = 0; l < model_.num_layers(); ++l) {
-      const std::string p = "ffn" + std::to_string(l);
-      ckpt.add_parameters(p, params_.ffn[static_cast<std::size_t>(l)]);
-      ckpt.add_optimizer(p + "_opt", *ffn_opt_[static_cast<std::size_t>(l)]);
-    }
+    ckpt.add_parameters("model", params_);
+    ckpt.add_optimizer("adam", *optimizer_);
     ckpt.add_counter("step", &step_);
     ckpt.add_value("seconds", &seconds_text_);
   }
@@ -332,24 +322,23 @@ class Trainer {
   /// AdamW groups by tensor name: the expert / value tables (lazy Adam, expert_lr, constant, no decay);
   /// [1, F] tensors (norms, biases) and sub-keys without decay; every other matrix with weight decay.
   std::vector<peer::ParamGroup> groups(const peer::ParameterLayout& layout, const peer::LrSchedule& schedule) const {
-    peer::ParamGroup tables{"tables", {}, options_.expert_lr, 0.0, peer::LrSchedule::constant()};
-    peer::ParamGroup plain{"no_decay", {}, options_.lr, 0.0, schedule};
-    peer::ParamGroup decay{"decay", {}, options_.lr, options_.weight_decay, schedule};
-    for (const auto& s : layout.tables()) tables.prefixes.push_back(s.name);
+    // Tables by kind; vectors ([1, F]: norms, biases) and sub-keys without decay; the other matrices with it.
+    peer::ParamGroup tables{"tables", {""}, options_.expert_lr, 0.0, peer::LrSchedule::constant(), peer::GroupKinds::kTables};
+    peer::ParamGroup plain{"no_decay", {"*.sub_keys.*"}, options_.lr, 0.0, schedule, peer::GroupKinds::kDense};
+    peer::ParamGroup decay{"decay", {}, options_.lr, options_.weight_decay, schedule, peer::GroupKinds::kDense};
     for (const auto& s : layout.dense()) {
-      const bool no_decay = s.rows == 1 || s.name.rfind("sub_keys", 0) == 0;
-      (no_decay ? plain : decay).prefixes.push_back(s.name);
+      if (s.rows == 1) plain.prefixes.push_back(s.name);
     }
+    decay.prefixes.push_back("");
     return {tables, plain, decay};
   }
 
   TrainOptions options_;
   const Corpus& corpus_;
   Transformer<Scalar> model_;
-  ModelParameters<Scalar> params_;
-  ModelGradients<Scalar> grads_;
-  std::unique_ptr<peer::Adam<Scalar>> main_opt_;
-  std::vector<std::unique_ptr<peer::Adam<Scalar>>> ffn_opt_;
+  peer::Parameters<Scalar> params_;
+  peer::Gradients<Scalar> grads_;
+  std::unique_ptr<peer::Adam<Scalar>> optimizer_;  // one optimizer for the whole model
   typename Transformer<Scalar>::Cache cache_, eval_cache_;
   TokenMatrix inputs_, targets_;
   std::int64_t step_ = 0, total_steps_ = 0;

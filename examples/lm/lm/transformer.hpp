@@ -8,9 +8,10 @@
 // FFN_l is a dense FFW in every block except the sparse blocks (by default only the middle one, L / 2, as
 // in He 2024), which get the configured kind: MoE, PKM or PEER (or dense, for the baseline).
 //
-// The transformer's own weights (embeddings, norms, attention, head) live in one peer::ParameterLayout, so
-// one optimizer steps them; every FFN has its own layout, parameters and gradients (the library layers'
-// objects). ModelParameters / ModelGradients bundle them.
+// The whole model is one peer::ModelLayout: the transformer's own weights (embeddings, norms, attention,
+// head) as one layer under their own names, and every block's FFN under "blocks.<l>.ffn.". One
+// peer::Parameters and one peer::Gradients hold everything, one optimizer steps it and one checkpoint
+// saves it; the blocks work on views of their parts (peer::LayerViews, kept in the cache).
 #ifndef PEER_EXAMPLES_LM_TRANSFORMER_HPP
 #define PEER_EXAMPLES_LM_TRANSFORMER_HPP
 
@@ -130,50 +131,6 @@ struct LmConfig {
   }
 };
 
-/// Every trained tensor of a model: the transformer's own and each block's FFN's.
-template <typename Scalar>
-struct ModelParameters {
-  peer::Parameters<Scalar> main;
-  std::vector<peer::Parameters<Scalar>> ffn;
-};
-
-template <typename Scalar>
-struct ModelGradients {
-  peer::Gradients<Scalar> main;
-  std::vector<peer::Gradients<Scalar>> ffn;
-
-  void zero() {
-    main.zero();
-    for (auto& g : ffn) g.zero();
-  }
-  /// Global L2 norm over everything (peer::gradient_norm per part, combined).
-  double norm() const {
-    double sum = 0;
-    const double m = peer::gradient_norm(main);
-    sum += m * m;
-    for (const auto& g : ffn) {
-      const double n = peer::gradient_norm(g);
-      sum += n * n;
-    }
-    return std::sqrt(sum);
-  }
-  /// Scales every gradient so that the global norm is at most max_norm; returns the norm before.
-  double clip(double max_norm) {
-    const double total = norm();
-    if (total > max_norm) {
-      // clip_gradient_norm scales a part by max / its norm when its norm exceeds max: give each part the
-      // limit that makes that factor max_norm / total.
-      auto scale = [&](peer::Gradients<Scalar>& g) {
-        const double n = peer::gradient_norm(g);
-        if (n > 0) peer::clip_gradient_norm(g, n * max_norm / total);
-      };
-      scale(main);
-      for (auto& g : ffn) scale(g);
-    }
-    return total;
-  }
-};
-
 /// One pre-norm block: x' = x + Attn(Norm1(x)), y = x' + FFN(Norm2(x')).
 template <typename Scalar>
 class Block {
@@ -206,9 +163,11 @@ class Block {
     norm2_.initialize(params);
   }
 
-  /// y [N, D] assigned from x [N, D] (`batch` sequences of `seq`); y must not alias x.
+  /// y [N, D] assigned from x [N, D] (`batch` sequences of `seq`); y must not alias x. With `routed` (a
+  /// cache of an earlier forward of this block) the FFN's routing is held at that forward's
+  /// (FeedForward::forward_held), for central-difference checks.
   void forward(const peer::Parameters<Scalar>& params, peer::Parameters<Scalar>& ffn_params, const ConstMatRef<Scalar>& x,
-               MatRef<Scalar> y, Index batch, Index seq, Cache& cache, peer::Mode mode) const {
+               MatRef<Scalar> y, Index batch, Index seq, Cache& cache, peer::Mode mode, const Cache* routed = nullptr) const {
     const Index n = x.rows(), d = x.cols();
     cache.h1.resize(n, d);
     cache.a.resize(n, d);
@@ -219,7 +178,11 @@ class Block {
     cache.x2 = x + cache.a;
     norm2_.forward(params, cache.x2, cache.h2, cache.norm2);
     if (!cache.ffn) cache.ffn = ffn_->make_cache();
-    ffn_->forward(ffn_params, cache.h2, cache.f, *cache.ffn, mode);
+    if (routed != nullptr) {
+      ffn_->forward_held(ffn_params, cache.h2, cache.f, *cache.ffn, mode, *routed->ffn);
+    } else {
+      ffn_->forward(ffn_params, cache.h2, cache.f, *cache.ffn, mode);
+    }
     y = cache.x2 + cache.f;
   }
 
@@ -261,6 +224,9 @@ class Transformer {
     Mat<Scalar> dhf, dx, dx_next;
     typename Embedding<Scalar>::Scratch embedding;
     typename OutputHead<Scalar>::Scratch head;
+    // Each layer's view of the parameters (and gradients) last used: made once, remade only when the
+    // model is called with other objects.
+    std::unique_ptr<peer::LayerViews<Scalar>> views;
   };
 
   explicit Transformer(const LmConfig& config)
@@ -268,19 +234,28 @@ class Transformer {
         embedding_(kVocab, config.model_dim, config.context, config.positions),
         final_norm_(config.norm, config.model_dim, config.norm_epsilon),
         head_(config.model_dim, kVocab, config.tied_head),
-        layout_(static_cast<Index>(sizeof(Scalar))) {
-    embedding_.register_parameters(layout_, "embed.");
+        own_(static_cast<Index>(sizeof(Scalar))),
+        model_(static_cast<Index>(sizeof(Scalar))) {
+    embedding_.register_parameters(own_, "embed.");
     for (Index l = 0; l < config_.num_layers; ++l) {
       blocks_.emplace_back(config_, make_ffn(l));
-      blocks_.back().register_parameters(layout_, "blocks." + std::to_string(l) + ".");
+      blocks_.back().register_parameters(own_, "blocks." + std::to_string(l) + ".");
     }
-    final_norm_.register_parameters(layout_, "norm_f.");
-    head_.register_parameters(layout_, "head.", embedding_.token_table());
+    final_norm_.register_parameters(own_, "norm_f.");
+    head_.register_parameters(own_, "head.", embedding_.token_table());
+    model_.add_layer("", own_);  // layer 0: the transformer's own tensors, under their own names
+    for (Index l = 0; l < config_.num_layers; ++l) model_.add_layer("blocks." + std::to_string(l) + ".ffn.", ffn(l).layout());
   }
 
   const LmConfig& config() const { return config_; }
+  /// Every tensor of the model: the transformer's own and every FFN's ("blocks.<l>.ffn.<name>").
+  const peer::ParameterLayout& layout() const { return model_.layout(); }
+  /// The model set: layer 0 is the transformer's own tensors, layer ffn_layer(l) block l's FFN.
+  const peer::ModelLayout& model_layout() const { return model_; }
   /// The transformer's own tensors (embeddings, norms, attention, head).
-  const peer::ParameterLayout& layout() const { return layout_; }
+  const peer::ParameterLayout& own_layout() const { return own_; }
+  static constexpr int kOwnLayer = 0;
+  static int ffn_layer(Index block) { return static_cast<int>(block) + 1; }
   Index num_layers() const { return config_.num_layers; }
   const Block<Scalar>& block(Index l) const { return blocks_[static_cast<std::size_t>(l)]; }
   const FeedForward<Scalar>& ffn(Index l) const { return block(l).ffn(); }
@@ -288,45 +263,48 @@ class Transformer {
   /// Seeded initialization: embeddings and an untied head N(0, 0.02^2), attention projections
   /// U(+-1/sqrt(D)) with the output projection scaled by 1/sqrt(2 L), norms the identity; each FFN by its
   /// layer's own initialization from a seed derived from (seed, block).
-  ModelParameters<Scalar> make_parameters(std::uint64_t seed) const {
-    ModelParameters<Scalar> p{peer::Parameters<Scalar>(layout_), {}};
-    embedding_.initialize(p.main, seed);
+  peer::Parameters<Scalar> make_parameters(std::uint64_t seed) const {
+    peer::Parameters<Scalar> p(model_.layout());
+    peer::LayerViews<Scalar> v(model_, p);
+    auto& own = v.params(kOwnLayer);
+    embedding_.initialize(own, seed);
     const double residual_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(config_.num_layers));
-    for (const auto& b : blocks_) b.initialize(p.main, seed, residual_scale);
-    final_norm_.initialize(p.main);
-    head_.initialize(p.main, seed);
+    for (const auto& b : blocks_) b.initialize(own, seed, residual_scale);
+    final_norm_.initialize(own);
+    head_.initialize(own, seed);
     for (Index l = 0; l < config_.num_layers; ++l) {
-      p.ffn.push_back(ffn(l).make_parameters(peer::CounterRng::mix(seed * 1000003ULL + static_cast<std::uint64_t>(l) + 1)));
+      ffn(l).initialize(v.params(ffn_layer(l)), peer::CounterRng::mix(seed * 1000003ULL + static_cast<std::uint64_t>(l) + 1));
     }
     return p;
   }
-  ModelGradients<Scalar> make_gradients() const {
-    ModelGradients<Scalar> g{peer::Gradients<Scalar>(layout_), {}};
-    for (Index l = 0; l < config_.num_layers; ++l) g.ffn.push_back(ffn(l).make_gradients());
-    return g;
-  }
+  peer::Gradients<Scalar> make_gradients() const { return peer::Gradients<Scalar>(model_.layout()); }
 
   /// Logits cache.logits [B T, V] for inputs [B, T] (T <= context). Mode::kTrain uses batch statistics in
   /// batch-normed PEER / PKM queries (and updates their running statistics); Mode::kEval uses the running
-  /// statistics, so every position's logits depend only on the bytes up to it.
-  void forward(ModelParameters<Scalar>& params, const TokenMatrix& inputs, Cache& cache, peer::Mode mode) const {
+  /// statistics, so every position's logits depend only on the bytes up to it. With `routed` (the cache
+  /// of an earlier forward) every FFN's routing is held at that forward's where the FFN can hold it.
+  void forward(peer::Parameters<Scalar>& params, const TokenMatrix& inputs, Cache& cache, peer::Mode mode,
+               const Cache* routed = nullptr) const {
     const Index b = inputs.rows(), t = inputs.cols(), n = b * t, d = config_.model_dim;
+    if (!cache.views || !cache.views->made_from(params)) cache.views = std::make_unique<peer::LayerViews<Scalar>>(model_, params);
+    auto& own = cache.views->params(kOwnLayer);
     cache.batch = b;
     cache.seq = t;
     cache.inputs = inputs;
     cache.x.resize(static_cast<std::size_t>(config_.num_layers + 1));
     cache.blocks.resize(static_cast<std::size_t>(config_.num_layers));
     cache.x[0].resize(n, d);
-    embedding_.forward(params.main, inputs, cache.x[0]);
+    embedding_.forward(own, inputs, cache.x[0]);
     for (Index l = 0; l < config_.num_layers; ++l) {
       const auto i = static_cast<std::size_t>(l);
       cache.x[i + 1].resize(n, d);
-      blocks_[i].forward(params.main, params.ffn[i], cache.x[i], cache.x[i + 1], b, t, cache.blocks[i], mode);
+      blocks_[i].forward(own, cache.views->params(ffn_layer(l)), cache.x[i], cache.x[i + 1], b, t, cache.blocks[i], mode,
+                         routed != nullptr ? &routed->blocks.at(i) : nullptr);
     }
     cache.hf.resize(n, d);
-    final_norm_.forward(params.main, cache.x.back(), cache.hf, cache.final_norm);
+    final_norm_.forward(own, cache.x.back(), cache.hf, cache.final_norm);
     cache.logits.resize(n, kVocab);
-    head_.forward(params.main, cache.hf, cache.logits);
+    head_.forward(own, cache.hf, cache.logits);
   }
 
   /// Mean cross-entropy (nats per byte) of cache.logits against targets [B, T]; with want_gradient, sets
@@ -347,31 +325,37 @@ class Transformer {
   }
 
   /// Gradients of loss() (+ aux_loss()) w.r.t. everything, added into grads, from cache.dlogits.
-  void backward(const ModelParameters<Scalar>& params, Cache& cache, ModelGradients<Scalar>& grads) const {
+  void backward(peer::Parameters<Scalar>& params, Cache& cache, peer::Gradients<Scalar>& grads) const {
     const Index n = cache.batch * cache.seq, d = config_.model_dim;
+    if (!cache.views || !cache.views->made_from(params, grads)) {
+      cache.views = std::make_unique<peer::LayerViews<Scalar>>(model_, params, grads);
+    }
+    auto& v = *cache.views;
+    const auto& own = v.params(kOwnLayer);
+    auto& own_grads = v.grads(kOwnLayer);
     cache.dhf.setZero(n, d);
-    head_.backward(params.main, cache.hf, cache.dlogits, cache.dhf, grads.main, cache.head);
+    head_.backward(own, cache.hf, cache.dlogits, cache.dhf, own_grads, cache.head);
     cache.dx.setZero(n, d);
-    final_norm_.backward(params.main, cache.final_norm, cache.dhf, cache.dx, grads.main);
+    final_norm_.backward(own, cache.final_norm, cache.dhf, cache.dx, own_grads);
     for (Index l = config_.num_layers - 1; l >= 0; --l) {
       const auto i = static_cast<std::size_t>(l);
       cache.dx_next.setZero(n, d);
-      blocks_[i].backward(params.main, params.ffn[i], cache.blocks[i], cache.dx, cache.dx_next, grads.main, grads.ffn[i]);
+      blocks_[i].backward(own, v.params(ffn_layer(l)), cache.blocks[i], cache.dx, cache.dx_next, own_grads, v.grads(ffn_layer(l)));
       std::swap(cache.dx, cache.dx_next);
     }
-    embedding_.backward(cache.inputs, cache.dx, grads.main, cache.embedding);
+    embedding_.backward(cache.inputs, cache.dx, own_grads, cache.embedding);
   }
 
   // ---- Sizes and costs (2 FLOPs per multiply-add, main terms, as the library layers count them) ----
 
   double total_parameters() const {
-    double total = static_cast<double>(layout_.num_parameters());
+    double total = static_cast<double>(own_.num_parameters());
     for (Index l = 0; l < config_.num_layers; ++l) total += ffn(l).total_parameters();
     return total;
   }
   /// The transformer's own weights all count (the tied table is the head), plus each FFN's active ones.
   double active_parameters_per_token() const {
-    double total = static_cast<double>(layout_.num_parameters());
+    double total = static_cast<double>(own_.num_parameters());
     for (Index l = 0; l < config_.num_layers; ++l) total += ffn(l).active_parameters_per_token();
     return total;
   }
@@ -430,7 +414,8 @@ class Transformer {
   std::vector<Block<Scalar>> blocks_;
   Norm<Scalar> final_norm_;
   OutputHead<Scalar> head_;
-  peer::ParameterLayout layout_;
+  peer::ParameterLayout own_;
+  peer::ModelLayout model_;
 };
 
 }  // namespace lm

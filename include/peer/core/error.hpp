@@ -9,6 +9,7 @@
 /// PEER_ASSERT, which is off under NDEBUG and can be overridden by defining PEER_ASSERT before inclusion.
 
 #include <cmath>
+#include <functional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -52,9 +53,10 @@ inline void check_shape(const std::string& what, Index rows, Index cols, Index e
   }
 }
 
-/// Throws std::domain_error naming the first non-finite entry of `m` (row, column and value).
+/// Throws std::domain_error naming the first non-finite entry of `m` (row, column and value). `what` is
+/// a C string so that a check that passes allocates nothing (inference promises no allocation).
 template <typename Derived>
-void check_finite(const std::string& what, const Eigen::DenseBase<Derived>& m) {
+void check_finite(const char* what, const Eigen::DenseBase<Derived>& m) {
   // Fast path: x - x is 0 for finite x and NaN otherwise, so one vectorizable sum per row decides.
   bool finite = true;
   for (Index r = 0; r < m.rows() && finite; ++r) {
@@ -66,10 +68,25 @@ void check_finite(const std::string& what, const Eigen::DenseBase<Derived>& m) {
   for (Index r = 0; r < m.rows(); ++r) {
     for (Index c = 0; c < m.cols(); ++c) {
       if (!std::isfinite(m(r, c))) {
-        throw std::domain_error(what + " has a non-finite value " + to_text(m(r, c)) + " at [" +
+        throw std::domain_error(std::string(what) + " has a non-finite value " + to_text(m(r, c)) + " at [" +
                                 to_text(r) + ", " + to_text(c) + "]");
       }
     }
+  }
+}
+
+/// Throws std::invalid_argument when the memory of `out` overlaps that of `in` (an output that must not
+/// alias its input).
+template <typename Out, typename In>
+void check_no_overlap(const std::string& out_name, const Out& out, const std::string& in_name, const In& in) {
+  if (out.size() == 0 || in.size() == 0) return;
+  using S = typename Out::Scalar;
+  const S* o0 = out.data();
+  const S* o1 = out.data() + (out.rows() - 1) * out.outerStride() + out.cols();
+  const S* i0 = in.data();
+  const S* i1 = in.data() + (in.rows() - 1) * in.outerStride() + in.cols();
+  if (std::less<const S*>()(o0, i1) && std::less<const S*>()(i0, o1)) {
+    throw std::invalid_argument(out_name + " overlaps " + in_name + " in memory; it must not (pass another matrix)");
   }
 }
 

@@ -30,13 +30,33 @@ class Gradients {
   /// Owned storage, zeroed.
   explicit Gradients(const ParameterLayout& layout) : layout_(layout), owned_(layout.dense_size()) {
     dense_ = owned_.data();
-    for (const auto& spec : layout.tables()) tables_.emplace_back(spec.cols);
+    own_tables();
   }
 
   /// Dense gradients in user memory of layout.dense_size() scalars (not cleared here); tables owned.
   Gradients(const ParameterLayout& layout, Scalar* dense) : layout_(layout), dense_(dense) {
     if (dense == nullptr && layout.dense_size() > 0) throw std::invalid_argument("Gradients: dense memory is null");
-    for (const auto& spec : layout.tables()) tables_.emplace_back(spec.cols);
+    own_tables();
+  }
+
+  /// A view: dense gradients in `dense` (layout.dense_size() scalars) and table t's gradient in
+  /// *tables[t], all owned elsewhere (a model's Gradients: peer/model/model_layout.hpp). Several views may
+  /// share a table gradient; backward passes then add into it one after the other.
+  Gradients(const ParameterLayout& layout, Scalar* dense, const std::vector<RowSparseGrad<Scalar>*>& tables)
+      : layout_(layout), dense_(dense), tables_(tables) {
+    if (dense == nullptr && layout.dense_size() > 0) throw std::invalid_argument("Gradients: dense memory is null");
+    if (tables.size() != layout.tables().size()) {
+      detail::throw_invalid("Gradients: tables.size()", tables.size(),
+                            "must equal the layout's number of tables, " + detail::to_text(layout.tables().size()));
+    }
+    for (std::size_t t = 0; t < tables.size(); ++t) {
+      const auto& spec = layout.tables()[t];
+      if (tables[t] == nullptr) throw std::invalid_argument("Gradients: the gradient of table '" + spec.name + "' is null");
+      if (tables[t]->cols() != spec.cols) {
+        detail::throw_invalid("Gradients: cols of the gradient of table '" + spec.name + "'", tables[t]->cols(),
+                              "must equal the table's cols " + detail::to_text(spec.cols));
+      }
+    }
   }
 
   Gradients(Gradients&&) noexcept = default;
@@ -52,8 +72,8 @@ class Gradients {
     const auto& s = layout_.spec(h);
     return ConstMatrixMap<Scalar>(dense_ + s.offset, s.rows, s.cols, Eigen::OuterStride<>(s.cols));
   }
-  RowSparseGrad<Scalar>& table(TableHandle h) { return tables_.at(static_cast<std::size_t>(h.index)); }
-  const RowSparseGrad<Scalar>& table(TableHandle h) const { return tables_.at(static_cast<std::size_t>(h.index)); }
+  RowSparseGrad<Scalar>& table(TableHandle h) { return *tables_.at(static_cast<std::size_t>(h.index)); }
+  const RowSparseGrad<Scalar>& table(TableHandle h) const { return *tables_.at(static_cast<std::size_t>(h.index)); }
 
   /// The flat dense gradient (layout().dense_size() scalars, padding always zero).
   Scalar* dense_data() { return dense_; }
@@ -69,7 +89,7 @@ class Gradients {
   /// Row-sparse gradient of a table by name; throws if there is none.
   RowSparseGrad<Scalar>& find_table(const std::string& name) {
     for (std::size_t i = 0; i < layout_.tables().size(); ++i) {
-      if (layout_.tables()[i].name == name) return tables_[i];
+      if (layout_.tables()[i].name == name) return *tables_[i];
     }
     throw std::invalid_argument("Gradients: no table named '" + name + "'");
   }
@@ -77,14 +97,22 @@ class Gradients {
   /// Dense gradients to zero, row-sparse gradients emptied (their memory kept for the next batch).
   void zero() {
     std::fill(dense_, dense_ + layout_.dense_size(), Scalar(0));
-    for (auto& t : tables_) t.clear();
+    for (auto* t : tables_) t->clear();
   }
 
  private:
+  void own_tables() {
+    owned_tables_.reserve(layout_.tables().size());  // no reallocation: tables_ points into it
+    for (const auto& spec : layout_.tables()) owned_tables_.emplace_back(spec.cols);
+    for (auto& t : owned_tables_) tables_.push_back(&t);
+  }
+
   ParameterLayout layout_;
   AlignedBuffer<Scalar> owned_;
   Scalar* dense_ = nullptr;
-  std::vector<RowSparseGrad<Scalar>> tables_;
+  // Moving a std::vector keeps its elements where they are, so tables_ stays valid across moves.
+  std::vector<RowSparseGrad<Scalar>> owned_tables_;
+  std::vector<RowSparseGrad<Scalar>*> tables_;
 };
 
 }  // namespace peer

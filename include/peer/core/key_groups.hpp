@@ -19,6 +19,7 @@
 #include "peer/core/types.hpp"
 
 namespace peer {
+namespace detail {
 
 /// Items grouped by key: group g has key keys[g] (strictly ascending) and items
 /// order[starts[g] .. starts[g + 1]) (ascending item indices).
@@ -76,6 +77,7 @@ inline void group_by_key(const std::int32_t* item_key, Index count, std::int64_t
   out.starts.push_back(static_cast<std::int64_t>(n));
 }
 
+}  // namespace detail
 }  // namespace peer
 
 #endif  // PEER_CORE_KEY_GROUPS_HPP

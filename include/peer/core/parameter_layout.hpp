@@ -98,7 +98,24 @@ class ParameterLayout {
   bool operator!=(const ParameterLayout& other) const { return !(*this == other); }
 
   /// Fixes the scalar size used for alignment (set once, by the layer, before any registration).
-  explicit ParameterLayout(Index scalar_bytes = 4) : scalar_bytes_(scalar_bytes) {}
+  explicit ParameterLayout(Index scalar_bytes = 4) : scalar_bytes_(scalar_bytes) {
+    if (scalar_bytes != 4 && scalar_bytes != 8) detail::throw_invalid("ParameterLayout scalar_bytes", scalar_bytes, "must be 4 or 8");
+  }
+
+  /// Bytes of one scalar (4: float, 8: double).
+  Index scalar_bytes() const { return scalar_bytes_; }
+  /// Scalars in kAlignBytes: every offset in the flat buffers is a multiple of this.
+  Index align_scalars() const { return std::max<Index>(1, kAlignBytes / scalar_bytes_); }
+
+  /// Index of the tensor named `name` in its kind's list and that kind, or {-1, kDense} if absent.
+  std::pair<int, ParamKind> find(const std::string& name) const {
+    for (const auto* l : {&dense_, &buffers_, &tables_}) {
+      for (std::size_t i = 0; i < l->size(); ++i) {
+        if ((*l)[i].name == name) return {static_cast<int>(i), (*l)[i].kind};
+      }
+    }
+    return {-1, ParamKind::kDense};
+  }
 
  private:
   int add(std::vector<TensorSpec>& list, Index& size, const std::string& name, Index rows, Index cols,
@@ -113,7 +130,7 @@ class ParameterLayout {
         if (s.name == name) throw std::invalid_argument("ParameterLayout: tensor name '" + name + "' is used twice");
       }
     }
-    const Index align = std::max<Index>(1, kAlignBytes / scalar_bytes_);
+    const Index align = align_scalars();
     TensorSpec spec{name, rows, cols, kind, (size + align - 1) / align * align};
     size = spec.offset + spec.size();
     list.push_back(std::move(spec));

@@ -60,8 +60,6 @@ inline void streaming_fence() {
 #endif
 }
 
-}  // namespace detail
-
 /// Reusable memory of scatter_rows.
 template <typename Scalar>
 struct RowScatterWorkspace {
@@ -103,16 +101,17 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
         add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
       }
       if (direct) {
-        detail::store_streaming(out.row(gi).data(), buffer.data(), cols);
+        store_streaming(out.row(gi).data(), buffer.data(), cols);
       } else {
         out.row(gi) = buffer;
       }
     }
-    detail::streaming_fence();
+    streaming_fence();
   });
   if (!direct) grad.add(g.keys, ws.rows.data());
 }
 
+}  // namespace detail
 }  // namespace peer
 
 #endif  // PEER_CORE_ROW_SCATTER_HPP

@@ -25,6 +25,8 @@ namespace peer {
 #define PEER_PREFETCH_ROWS 2
 #endif
 
+namespace detail {
+
 /// Asks the CPU to start loading [p, p + bytes) into cache, one request per 64-byte line (a hint: no
 /// effect on results; nothing where the compiler has no prefetch builtin). Random rows of a table far
 /// larger than the cache stall on DRAM latency at each row start; the kernels call this a few rows ahead.
@@ -37,6 +39,8 @@ inline void prefetch_bytes(const void* p, Index bytes) {
   (void)bytes;
 #endif
 }
+
+}  // namespace detail
 
 /// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
 template <typename Scalar>
@@ -70,7 +74,7 @@ class RowTable {
   const Scalar* data() const { return data_; }
 
   /// Asks the CPU to start loading row i (every cache line of it); see PEER_PREFETCH_ROWS.
-  void prefetch(Index i) const { prefetch_bytes(row(i), cols_ * static_cast<Index>(sizeof(Scalar))); }
+  void prefetch(Index i) const { detail::prefetch_bytes(row(i), cols_ * static_cast<Index>(sizeof(Scalar))); }
 
   MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(data_, rows_, cols_, Eigen::OuterStride<>(cols_)); }
   ConstMatrixMap<Scalar> matrix() const {

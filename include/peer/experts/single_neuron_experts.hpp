@@ -66,7 +66,7 @@ class SingleNeuronExperts {
 
   struct Workspace {
     std::vector<Scalar> coef_u, coef_v;  // [B * S] per-slot factors of du and dv rows
-    RowScatterWorkspace<Scalar> scatter;
+    detail::RowScatterWorkspace<Scalar> scatter;
   };
 
   SingleNeuronExperts() = default;
@@ -167,7 +167,7 @@ class SingleNeuronExperts {
       }
     });
     // Row gradients: du_i | dv_i, each touched row summed once, in slot order.
-    scatter_rows(ids, num_experts(), 2 * d, grads.table(table_), ws.scatter, [&](Index item, auto row) {
+    detail::scatter_rows(ids, num_experts(), 2 * d, grads.table(table_), ws.scatter, [&](Index item, auto row) {
       const Index t = item / slots;
       row.head(d) += ws.coef_u[static_cast<std::size_t>(item)] * x.row(t);
       row.tail(d) += ws.coef_v[static_cast<std::size_t>(item)] * dy.row(t);

@@ -46,7 +46,7 @@ class ValueMemory {
 
   struct Workspace {
     std::vector<Scalar> coef;  // [B * S] g_s, the factor of dy_t in dv
-    RowScatterWorkspace<Scalar> scatter;
+    detail::RowScatterWorkspace<Scalar> scatter;
   };
 
   ValueMemory() = default;
@@ -126,7 +126,7 @@ class ValueMemory {
         }
       }
     });
-    scatter_rows(ids, num_experts(), d, grads.table(table_), ws.scatter, [&](Index item, auto row) {
+    detail::scatter_rows(ids, num_experts(), d, grads.table(table_), ws.scatter, [&](Index item, auto row) {
       row += ws.coef[static_cast<std::size_t>(item)] * dy.row(item / slots);
     });
   }

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "peer/core/error.hpp"
+#include "peer/core/fields.hpp"
 #include "peer/core/gradients.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
@@ -34,6 +35,15 @@ struct DenseFfwConfig {
   /// Forward FLOPs per token: 2 D F per projection (2 projections, 3 with GLU), bias and activation left out.
   double forward_flops_per_token() const {
     return 2.0 * static_cast<double>(model_dim) * static_cast<double>(hidden_dim) * (kind == FfwKind::kGlu ? 3 : 2);
+  }
+
+  /// The configuration as (key, value) text pairs (checkpoint metadata).
+  Fields to_fields() const {
+    return {{"model_dim", std::to_string(model_dim)},
+            {"hidden_dim", std::to_string(hidden_dim)},
+            {"activation", to_string(activation)},
+            {"glu", kind == FfwKind::kGlu ? "yes" : "no"},
+            {"bias", bias == Bias::kLearned ? "learned" : "none"}};
   }
 
   void validate() const {
@@ -100,29 +110,31 @@ class DenseFfw {
     down_.initialize(params, seed);
   }
 
-  /// y = FFW(x); x, y [B, D] (y may be x). mode and mask are accepted for interface parity and unused.
-  void forward(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Cache& cache,
-               Mode = Mode::kTrain, const RowMask* = nullptr) const {
-    const Index b = x.rows(), f = config_.hidden_dim;
-    check_layout(params.layout());
-    detail::check_shape("x", x.rows(), x.cols(), b, config_.model_dim);
-    detail::check_shape("y", y.rows(), y.cols(), b, config_.model_dim);
-    detail::check_finite("x", x);
+  /// Scratch of infer(), reused: no allocation after the first call at a batch size.
+  struct Workspace {
+    RowMatrix<Scalar> up, gate, act;  // [B, F] each
+  };
+
+  /// y = FFW(x); x, y [B, D] (y may be x). mode and mask are accepted for interface parity and unused
+  /// (the block has no batch statistics); parameters are only read.
+  void forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Cache& cache,
+               Mode, const RowMask* = nullptr) const {
+    check_inputs(params, x, y);
     cache.ready = false;
     cache.x = x;
-    cache.up.resize(b, f);
-    cache.act.resize(b, f);
-    up_.forward(params, cache.x, cache.up);
-    const Activation a = config_.activation;
-    if (config_.kind == FfwKind::kGlu) {
-      cache.gate.resize(b, f);
-      gate_.forward(params, cache.x, cache.gate);
-      cache.act = cache.gate.unaryExpr([a](Scalar z) { return activate(a, z); }).cwiseProduct(cache.up);
-    } else {
-      cache.act = cache.up.unaryExpr([a](Scalar z) { return activate(a, z); });
-    }
-    down_.forward(params, cache.act, y);
+    compute(params, cache.x, y, cache.up, cache.gate, cache.act);
     cache.ready = true;
+  }
+
+  /// Inference: forward() without the backward cache and without copying x (y must not overlap x);
+  /// bitwise the same y.
+  void infer(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Workspace& ws) const {
+    check_inputs(params, x, y);
+    detail::check_no_overlap("infer: y", y, "x", x);
+    up_.reserve_forward(x.rows());
+    if (config_.kind == FfwKind::kGlu) gate_.reserve_forward(x.rows());
+    down_.reserve_forward(x.rows());
+    compute(params, x, y, ws.up, ws.gate, ws.act);
   }
 
   /// dx += dL/dx (skipped when dx has 0 rows); gradients added into grads.
@@ -152,6 +164,31 @@ class DenseFfw {
   }
 
  private:
+  void check_inputs(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const MatrixRef<Scalar>& y) const {
+    check_layout(params.layout());
+    detail::check_shape("x", x.rows(), x.cols(), x.rows(), config_.model_dim);
+    detail::check_shape("y", y.rows(), y.cols(), x.rows(), config_.model_dim);
+    detail::check_finite("x", x);
+  }
+
+  // up = W_up x + b, (gate = W_gate x + b), act = sigma(up) or sigma(gate) * up, y = W_down act + b.
+  void compute(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, RowMatrix<Scalar>& up,
+               RowMatrix<Scalar>& gate, RowMatrix<Scalar>& act) const {
+    const Index b = x.rows(), f = config_.hidden_dim;
+    up.resize(b, f);
+    act.resize(b, f);
+    up_.forward(params, x, up);
+    const Activation a = config_.activation;
+    if (config_.kind == FfwKind::kGlu) {
+      gate.resize(b, f);
+      gate_.forward(params, x, gate);
+      act = gate.unaryExpr([a](Scalar z) { return activate(a, z); }).cwiseProduct(up);
+    } else {
+      act = up.unaryExpr([a](Scalar z) { return activate(a, z); });
+    }
+    down_.forward(params, act, y);
+  }
+
   static const DenseFfwConfig& checked(const DenseFfwConfig& c) {
     c.validate();
     return c;

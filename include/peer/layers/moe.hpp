@@ -42,185 +42,13 @@
 #include "peer/core/random.hpp"
 #include "peer/core/reduce.hpp"
 #include "peer/core/types.hpp"
+#include "peer/layers/moe_config.hpp"
 #include "peer/nn/activation.hpp"
 #include "peer/nn/linear.hpp"
 #include "peer/retrieval/top_k.hpp"
 
 namespace peer {
 
-/// Who chooses: tokens pick their top k experts, or experts pick their top C tokens.
-enum class MoeRouting {
-  kTokenChoice,   ///< each token takes its top k experts by p (GShard, Switch; experts may overflow)
-  kExpertChoice,  ///< each expert takes its top C tokens by p (Zhou et al. 2022; the paper's MoE baseline)
-};
-
-/// How token-choice gates are formed from the kept probabilities (expert choice always uses g = p).
-enum class MoeGateNorm {
-  kRenormalize,  ///< g = p / sum of the k kept p: softmax over the kept logits (GShard top-2, Mixtral)
-  kNone,         ///< g = p, the softmax over all E (Switch); with k = 1 the router still learns from the task
-};
-
-inline const char* to_string(MoeRouting r) {
-  switch (r) {
-    case MoeRouting::kTokenChoice: return "token_choice";
-    case MoeRouting::kExpertChoice: return "expert_choice";
-  }
-  return "unknown";
-}
-
-inline const char* to_string(MoeGateNorm g) {
-  switch (g) {
-    case MoeGateNorm::kRenormalize: return "renormalize";
-    case MoeGateNorm::kNone: return "none";
-  }
-  return "unknown";
-}
-
-/// Parses "token_choice" or "expert_choice".
-inline MoeRouting moe_routing_from_string(const std::string& name) {
-  for (MoeRouting r : {MoeRouting::kTokenChoice, MoeRouting::kExpertChoice}) {
-    if (name == to_string(r)) return r;
-  }
-  throw std::invalid_argument("routing = \"" + name + "\" must be one of token_choice, expert_choice");
-}
-
-/// Parses "renormalize" or "none".
-inline MoeGateNorm moe_gate_norm_from_string(const std::string& name) {
-  for (MoeGateNorm g : {MoeGateNorm::kRenormalize, MoeGateNorm::kNone}) {
-    if (name == to_string(g)) return g;
-  }
-  throw std::invalid_argument("gate_norm = \"" + name + "\" must be one of renormalize, none");
-}
-
-/// Configuration of a coarse MoE layer. Defaults: the paper's 128 experts; D = 256 as PeerConfig; top 2 with
-/// experts of F = 512 = 4 D / k, so the experts' forward FLOPs per token equal those of the default dense FFW
-/// (DenseFfwConfig: D -> 4 D -> D), the isoFLOP pairing the paper's comparisons use.
-struct MoeConfig {
-  Index model_dim = 256;      ///< D: input and output width
-  Index num_experts = 128;    ///< E
-  Index expert_hidden = 512;  ///< F: hidden width of one expert
-  Index top_k = 2;            ///< k: experts per token (token choice); sets the capacity with expert choice
-  MoeRouting routing = MoeRouting::kTokenChoice;
-  double capacity_factor = 1.0;  ///< c: expert choice takes C = ceil(c B k / E) tokens per expert
-  MoeGateNorm gate_norm = MoeGateNorm::kRenormalize;  ///< token choice only
-  Activation activation = Activation::kGelu;
-  Bias bias = Bias::kLearned;       ///< expert biases b1, b2 (the router has none)
-  double load_balance_weight = 0;   ///< w of L_aux; 0 turns the loss (value and gradient) off
-
-  /// Experts a token uses on average: k with token choice; c k with expert choice (nominal: the batch's
-  /// exact figure is E C / B, C rounded up and capped at B).
-  double experts_per_token() const {
-    const double k = static_cast<double>(top_k);
-    return routing == MoeRouting::kTokenChoice ? k : capacity_factor * k;
-  }
-
-  /// Expert-choice capacity for `tokens` counted rows: C = min(tokens, ceil(c * tokens * k / E)), evaluated
-  /// in double in that order (so c = 1.1 may round up one more than exact arithmetic would).
-  Index capacity(Index tokens) const {
-    if (tokens <= 0) return 0;
-    const double want = std::ceil(capacity_factor * static_cast<double>(tokens) * static_cast<double>(top_k) /
-                                  static_cast<double>(num_experts));
-    return static_cast<Index>(std::min(want, static_cast<double>(tokens)));
-  }
-
-  /// Forward FLOPs per token (2 per multiply-add), main terms: router 2 D E + experts 4 D F per expert used
-  ///   = 2 D E + 4 D F experts_per_token().
-  /// Softmax, top-k, gates, biases, the activation and the weighted sum of outputs (O(E + k (D + F))) are
-  /// left out, as in DenseFfwConfig and PeerConfig.
-  double forward_flops_per_token() const {
-    const double d = static_cast<double>(model_dim), e = static_cast<double>(num_experts);
-    const double f = static_cast<double>(expert_hidden);
-    return 2 * d * e + 4 * d * f * experts_per_token();
-  }
-
-  /// Backward FLOPs per token with dx wanted: each forward GEMM has two of the same size in backward (the
-  /// input gradient and the weight gradient), so 2 x forward = 4 D E + 8 D F experts_per_token().
-  double backward_flops_per_token() const { return 2 * forward_flops_per_token(); }
-
-  /// Trained parameters: router E D + experts E (2 D F) + biases E (F + D) (with Bias::kLearned).
-  /// Equals layout().num_parameters() of the layer.
-  Index total_parameters() const {
-    const Index per_expert = 2 * model_dim * expert_hidden + (bias == Bias::kLearned ? expert_hidden + model_dim : 0);
-    return num_experts * model_dim + num_experts * per_expert;
-  }
-
-  /// Parameters one token's output depends on: the whole router E D plus experts_per_token() experts of
-  /// 2 D F (+ F + D biases) each. Fractional for expert choice with a fractional c k.
-  double active_parameters_per_token() const {
-    const double d = static_cast<double>(model_dim), f = static_cast<double>(expert_hidden);
-    const double per_expert = 2 * d * f + (bias == Bias::kLearned ? f + d : 0.0);
-    return static_cast<double>(num_experts) * d + experts_per_token() * per_expert;
-  }
-
-  /// Parameter bytes one token reads when nothing is shared with other tokens: active_parameters_per_token()
-  /// x scalar_bytes (the per-token model the PEER benchmark uses for its expert rows). A batch of B tokens
-  /// reads every expert's weights once, so its traffic per token is at most total_parameters() x
-  /// scalar_bytes / B; the smaller of the two is the better estimate.
-  double parameter_bytes_per_token(Index scalar_bytes = static_cast<Index>(sizeof(float))) const {
-    return active_parameters_per_token() * static_cast<double>(scalar_bytes);
-  }
-
-  /// The configuration as (key, value) text pairs, e.g. for a checkpoint's metadata. Doubles are written
-  /// with 17 significant digits, so they read back exactly.
-  std::vector<std::pair<std::string, std::string>> to_fields() const {
-    auto num = [](double v) {
-      std::ostringstream out;
-      out.precision(17);
-      out << v;
-      return out.str();
-    };
-    return {{"model_dim", std::to_string(model_dim)},
-            {"num_experts", std::to_string(num_experts)},
-            {"expert_hidden", std::to_string(expert_hidden)},
-            {"top_k", std::to_string(top_k)},
-            {"routing", to_string(routing)},
-            {"capacity_factor", num(capacity_factor)},
-            {"gate_norm", to_string(gate_norm)},
-            {"activation", to_string(activation)},
-            {"bias", bias == Bias::kLearned ? "learned" : "none"},
-            {"load_balance_weight", num(load_balance_weight)}};
-  }
-
-  /// The first field whose value differs from `other`'s, as "field: this vs other", or "" if none.
-  std::string first_difference(const MoeConfig& other) const {
-    const auto a = to_fields(), b = other.to_fields();
-    for (std::size_t i = 0; i < a.size(); ++i) {
-      if (a[i].second != b[i].second) return a[i].first + ": " + a[i].second + " vs " + b[i].second;
-    }
-    return "";
-  }
-
-  /// Throws std::invalid_argument naming the first field that breaks a rule, its value and the rule.
-  void validate() const {
-    const std::string p = "MoeConfig.";
-    if (model_dim <= 0) detail::throw_invalid(p + "model_dim", model_dim, "must be > 0");
-    if (model_dim > (Index{1} << 24)) detail::throw_invalid(p + "model_dim", model_dim, "must be <= 2^24");
-    if (num_experts <= 0) detail::throw_invalid(p + "num_experts", num_experts, "must be > 0");
-    if (num_experts >= (Index{1} << 31)) {
-      detail::throw_invalid(p + "num_experts", num_experts, "must be < 2^31 (expert ids are int32)");
-    }
-    if (expert_hidden <= 0) detail::throw_invalid(p + "expert_hidden", expert_hidden, "must be > 0");
-    if (expert_hidden > (Index{1} << 24)) {
-      detail::throw_invalid(p + "expert_hidden", expert_hidden, "must be <= 2^24");
-    }
-    // The expert weights are two tensors of E F D scalars: keep their sizes far from Index overflow.
-    const double weights = static_cast<double>(num_experts) * static_cast<double>(expert_hidden) *
-                           static_cast<double>(model_dim);
-    if (weights > 0x1.0p46) {
-      detail::throw_invalid(p + "num_experts * expert_hidden * model_dim", weights, "must be <= 2^46");
-    }
-    if (top_k <= 0) detail::throw_invalid(p + "top_k", top_k, "must be > 0");
-    if (top_k > num_experts) {
-      detail::throw_invalid(p + "top_k", top_k, "must be <= num_experts = " + detail::to_text(num_experts));
-    }
-    if (!(capacity_factor > 0.0) || !std::isfinite(capacity_factor)) {
-      detail::throw_invalid(p + "capacity_factor", capacity_factor, "must be finite and > 0");
-    }
-    if (!(load_balance_weight >= 0.0) || !std::isfinite(load_balance_weight)) {
-      detail::throw_invalid(p + "load_balance_weight", load_balance_weight, "must be finite and >= 0");
-    }
-  }
-};
 
 /// A coarse mixture-of-experts FFW over Scalar (float or double).
 ///
@@ -342,6 +170,17 @@ class MoeFfw {
     }
   }
 
+  /// Scratch of infer(): the forward cache, reused.
+  using Workspace = Cache;
+
+  /// Inference: forward() in Mode::kEval on const parameters (the same code, so the same bits), `ws` a
+  /// cache used as scratch. Unlike the product-key layers' infer() it may allocate: the per-expert token
+  /// groups change size with the routing.
+  void infer(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Workspace& ws) const {
+    detail::check_no_overlap("infer: y", y, "x", x);  // the same contract as every infer()
+    forward(params, x, y, ws, Mode::kEval);
+  }
+
   /// y = MoE(x). x [B, D]; y [B, D] assigned (may be x itself). Fills `cache` for backward, including
   /// cache.aux_loss. `mask` (size B, optional) marks the rows that count: only they enter the load-balancing
   /// statistics, and with expert choice only they can be chosen (C is computed from their number; the other
@@ -349,68 +188,49 @@ class MoeFfw {
   /// interface parity: routing is the same in training and evaluation. Throws std::invalid_argument on
   /// shapes, std::domain_error on non-finite x or router logits.
   void forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Cache& cache,
-               Mode = Mode::kTrain, const RowMask* mask = nullptr) const {
-    const Index b = x.rows(), d = config_.model_dim, e_count = config_.num_experts;
-    check_layout(params.layout(), "params");
-    detail::check_shape("x", x.rows(), x.cols(), b, d);
-    detail::check_shape("y", y.rows(), y.cols(), b, d);
-    if (mask != nullptr && mask->size() != b) {
-      detail::throw_invalid("row mask size", mask->size(), "must equal the batch size " + detail::to_text(b));
-    }
-    if (b >= (Index{1} << 31)) detail::throw_invalid("batch", b, "must be < 2^31");
-    const Index counted = mask == nullptr ? b : static_cast<Index>(mask->count());
-    if (config_.routing == MoeRouting::kTokenChoice && b * config_.top_k >= (Index{1} << 31)) {
-      detail::throw_invalid("batch * top_k", b * config_.top_k, "must be < 2^31");
-    }
-    if (config_.routing == MoeRouting::kExpertChoice && e_count * config_.capacity(counted) >= (Index{1} << 31)) {
-      detail::throw_invalid("num_experts * capacity", e_count * config_.capacity(counted), "must be < 2^31");
-    }
-    detail::check_finite("x", x);
-    cache.ready = false;
-    cache.x = x;
-    cache.probs.resize(b, e_count);
-    router_.forward(params, cache.x, cache.probs);
-    detail::check_finite("router logits", cache.probs);
-    // p = softmax(logits), shifted by the row maximum.
-    parallel_for(b, kTokenGrain, [&](Index t0, Index t1, int) {
-      for (Index t = t0; t < t1; ++t) {
-        Scalar* p = &cache.probs(t, 0);
-        Scalar max = p[0];
-        for (Index e = 1; e < e_count; ++e) max = p[e] > max ? p[e] : max;
-        Scalar sum = 0;
-        for (Index e = 0; e < e_count; ++e) {
-          p[e] = std::exp(p[e] - max);
-          sum += p[e];
-        }
-        for (Index e = 0; e < e_count; ++e) p[e] /= sum;
-      }
-    });
-    cache.counted.clear();
-    cache.is_counted.resize(b);
-    for (Index t = 0; t < b; ++t) {
-      cache.is_counted[t] = mask == nullptr || (*mask)[t];
-      if (cache.is_counted[t]) cache.counted.push_back(static_cast<std::int32_t>(t));
-    }
-    cache.counted_rows = counted;
+               Mode, const RowMask* mask = nullptr) const {
+    begin_forward(params, x, y, cache, mask);
     if (config_.routing == MoeRouting::kTokenChoice) {
       route_tokens(cache);
     } else {
       route_experts(cache);
     }
-    dispatch(cache);
-    run_experts(params, cache);
-    // y_t = sum of g o over the token's assignments, in assignment order.
-    parallel_for(b, kTokenGrain, [&](Index t0, Index t1, int) {
-      for (Index t = t0; t < t1; ++t) {
-        auto row = y.row(t);
-        row.setZero();
-        for (std::int64_t i = cache.token_begin[t]; i < cache.token_begin[t + 1]; ++i) {
-          row += cache.gate[i] * cache.out.row(cache.assignment_slot[i]);
-        }
+    finish_forward(params, y, cache);
+  }
+
+  /// forward() with the routing held at `routed`'s (a cache an earlier forward filled, on a batch of the
+  /// same size): the same (token, expert) assignments, their gates recomputed from this call's router
+  /// probabilities as forward forms them (renormalized over the token's kept experts with token choice
+  /// and MoeGateNorm::kRenormalize, else g = p). backward() is the same. With routed = a forward on the
+  /// same x and parameters this is that forward bit for bit; with the routing held while parameters move
+  /// it is the smooth function central differences can check (peer/testing/gradient_check.hpp). All rows
+  /// count in the load-balancing statistics.
+  void forward_routed(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const Cache& routed,
+                      MatrixRef<Scalar> y, Cache& cache, Mode) const {
+    if (!routed.ready) throw std::invalid_argument("MoeFfw::forward_routed: the routed cache holds no forward pass");
+    if (routed.batch() != x.rows()) {
+      detail::throw_invalid("MoeFfw::forward_routed: the routed cache's batch", routed.batch(),
+                            "must equal x.rows() = " + detail::to_text(x.rows()));
+    }
+    begin_forward(params, x, y, cache, nullptr);
+    const Index b = x.rows();
+    cache.capacity = routed.capacity;
+    cache.token_begin = routed.token_begin;
+    cache.token = routed.token;
+    cache.expert = routed.expert;
+    cache.gate.resize(routed.assignments());
+    const bool renormalize = config_.routing == MoeRouting::kTokenChoice && config_.gate_norm == MoeGateNorm::kRenormalize;
+    for (Index t = 0; t < b; ++t) {
+      Scalar sum = 0;
+      for (std::int64_t i = cache.token_begin[t]; i < cache.token_begin[t + 1]; ++i) {
+        cache.gate[i] = cache.probs(t, cache.expert[static_cast<std::size_t>(i)]);
+        sum += cache.gate[i];
       }
-    });
-    balance_statistics(cache);
-    cache.ready = true;
+      if (renormalize) {
+        for (std::int64_t i = cache.token_begin[t]; i < cache.token_begin[t + 1]; ++i) cache.gate[i] /= sum;
+      }
+    }
+    finish_forward(params, y, cache);
   }
 
   /// Backward of the forward that filled `cache`, with `params` unchanged since: the gradient of
@@ -465,13 +285,13 @@ class MoeFfw {
         if (n == 0) continue;  // no tokens: a zero delta, G stays G
         const auto dout = cache.dout.middleRows(s0, n);
         auto dh = cache.dhidden.middleRows(s0, n);
-        detail::gemm(dout, w_down.middleRows(e * d, d), dh, Scalar(1), false);
-        detail::gemm(dout.transpose(), cache.act.middleRows(s0, n), s.dw_down, Scalar(1), false);
+        detail::gemm(dout, w_down.middleRows(e * d, d), dh, Scalar(1), detail::GemmUpdate::kAssign);
+        detail::gemm(dout.transpose(), cache.act.middleRows(s0, n), s.dw_down, Scalar(1), detail::GemmUpdate::kAssign);
         dh = dh.cwiseProduct(cache.hidden.middleRows(s0, n).unaryExpr([a](Scalar z) { return activate_derivative(a, z); }));
-        detail::gemm(dh.transpose(), cache.xg.middleRows(s0, n), s.dw_up, Scalar(1), false);
+        detail::gemm(dh.transpose(), cache.xg.middleRows(s0, n), s.dw_up, Scalar(1), detail::GemmUpdate::kAssign);
         if (want_dx) {
           auto dxg = cache.dxg.middleRows(s0, n);
-          detail::gemm(dh, w_up.middleRows(e * f, f), dxg, Scalar(1), false);
+          detail::gemm(dh, w_up.middleRows(e * f, f), dxg, Scalar(1), detail::GemmUpdate::kAssign);
         }
         grads.dense(up_weight_).middleRows(e * f, f) += s.dw_up;
         grads.dense(down_weight_).middleRows(e * d, d) += s.dw_down;
@@ -586,6 +406,72 @@ class MoeFfw {
     });
   }
 
+  // forward()'s checks, the copy of x, the router probabilities and the counted rows.
+  void begin_forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const MatrixRef<Scalar>& y, Cache& cache,
+                     const RowMask* mask) const {
+    const Index b = x.rows(), d = config_.model_dim, e_count = config_.num_experts;
+    check_layout(params.layout(), "params");
+    detail::check_shape("x", x.rows(), x.cols(), b, d);
+    detail::check_shape("y", y.rows(), y.cols(), b, d);
+    if (mask != nullptr && mask->size() != b) {
+      detail::throw_invalid("row mask size", mask->size(), "must equal the batch size " + detail::to_text(b));
+    }
+    if (b >= (Index{1} << 31)) detail::throw_invalid("batch", b, "must be < 2^31");
+    const Index counted = mask == nullptr ? b : static_cast<Index>(mask->count());
+    if (config_.routing == MoeRouting::kTokenChoice && b * config_.top_k >= (Index{1} << 31)) {
+      detail::throw_invalid("batch * top_k", b * config_.top_k, "must be < 2^31");
+    }
+    if (config_.routing == MoeRouting::kExpertChoice && e_count * config_.capacity(counted) >= (Index{1} << 31)) {
+      detail::throw_invalid("num_experts * capacity", e_count * config_.capacity(counted), "must be < 2^31");
+    }
+    detail::check_finite("x", x);
+    cache.ready = false;
+    cache.x = x;
+    cache.probs.resize(b, e_count);
+    router_.forward(params, cache.x, cache.probs);
+    detail::check_finite("router logits", cache.probs);
+    // p = softmax(logits), shifted by the row maximum.
+    parallel_for(b, kTokenGrain, [&](Index t0, Index t1, int) {
+      for (Index t = t0; t < t1; ++t) {
+        Scalar* p = &cache.probs(t, 0);
+        Scalar max = p[0];
+        for (Index e = 1; e < e_count; ++e) max = p[e] > max ? p[e] : max;
+        Scalar sum = 0;
+        for (Index e = 0; e < e_count; ++e) {
+          p[e] = std::exp(p[e] - max);
+          sum += p[e];
+        }
+        for (Index e = 0; e < e_count; ++e) p[e] /= sum;
+      }
+    });
+    cache.counted.clear();
+    cache.is_counted.resize(b);
+    for (Index t = 0; t < b; ++t) {
+      cache.is_counted[t] = mask == nullptr || (*mask)[t];
+      if (cache.is_counted[t]) cache.counted.push_back(static_cast<std::int32_t>(t));
+    }
+    cache.counted_rows = counted;
+  }
+
+  // The experts on the routed assignments, the mixed output and the load-balancing statistics.
+  void finish_forward(const Parameters<Scalar>& params, MatrixRef<Scalar> y, Cache& cache) const {
+    const Index b = cache.batch();
+    dispatch(cache);
+    run_experts(params, cache);
+    // y_t = sum of g o over the token's assignments, in assignment order.
+    parallel_for(b, kTokenGrain, [&](Index t0, Index t1, int) {
+      for (Index t = t0; t < t1; ++t) {
+        auto row = y.row(t);
+        row.setZero();
+        for (std::int64_t i = cache.token_begin[t]; i < cache.token_begin[t + 1]; ++i) {
+          row += cache.gate[i] * cache.out.row(cache.assignment_slot[i]);
+        }
+      }
+    });
+    balance_statistics(cache);
+    cache.ready = true;
+  }
+
   // Token choice: assignment t k + j is token t's j-th best expert by p (ties to the lower index).
   void route_tokens(Cache& cache) const {
     const Index b = cache.batch(), k = config_.top_k, e_count = config_.num_experts;
@@ -696,12 +582,12 @@ class MoeFfw {
         const Index n = cache.expert_begin[e + 1] - s0;
         if (n == 0) continue;
         auto h = cache.hidden.middleRows(s0, n);
-        detail::gemm(cache.xg.middleRows(s0, n), w_up.middleRows(e * f, f).transpose(), h, Scalar(1), false);
+        detail::gemm(cache.xg.middleRows(s0, n), w_up.middleRows(e * f, f).transpose(), h, Scalar(1), detail::GemmUpdate::kAssign);
         if (has_bias()) h.rowwise() += params.dense(up_bias_).row(0).segment(e * f, f);
         auto act = cache.act.middleRows(s0, n);
         act = h.unaryExpr([a](Scalar z) { return activate(a, z); });
         auto o = cache.out.middleRows(s0, n);
-        detail::gemm(act, w_down.middleRows(e * d, d).transpose(), o, Scalar(1), false);
+        detail::gemm(act, w_down.middleRows(e * d, d).transpose(), o, Scalar(1), detail::GemmUpdate::kAssign);
         if (has_bias()) o.rowwise() += params.dense(down_bias_).row(0).segment(e * d, d);
       }
     });

@@ -7,12 +7,12 @@
 
 #include <cmath>
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "peer/core/error.hpp"
+#include "peer/core/fields.hpp"
 #include "peer/core/types.hpp"
 #include "peer/layers/gating.hpp"
 #include "peer/nn/activation.hpp"
@@ -54,13 +54,8 @@ struct PeerConfig {
 
   /// The configuration as (key, value) text pairs, e.g. for a checkpoint's metadata. Doubles are written
   /// with 17 significant digits, so they read back exactly.
-  std::vector<std::pair<std::string, std::string>> to_fields() const {
-    auto num = [](double v) {
-      std::ostringstream out;
-      out.precision(17);
-      out << v;
-      return out.str();
-    };
+  Fields to_fields() const {
+    const auto num = detail::exact_text;
     return {{"model_dim", std::to_string(model_dim)},
             {"num_experts", std::to_string(num_experts)},
             {"num_heads", std::to_string(num_heads)},
@@ -77,13 +72,7 @@ struct PeerConfig {
   }
 
   /// The first field whose value differs from `other`'s, as "field: this vs other", or "" if none.
-  std::string first_difference(const PeerConfig& other) const {
-    const auto a = to_fields(), b = other.to_fields();
-    for (std::size_t i = 0; i < a.size(); ++i) {
-      if (a[i].second != b[i].second) return a[i].first + ": " + a[i].second + " vs " + b[i].second;
-    }
-    return "";
-  }
+  std::string first_difference(const PeerConfig& other) const { return detail::first_difference(to_fields(), other.to_fields()); }
 
   /// Throws std::invalid_argument naming the first field that breaks a rule, its value and the rule.
   void validate() const {

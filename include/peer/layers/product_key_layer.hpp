@@ -90,6 +90,18 @@ class ProductKeyLayer {
     Index batch() const { return x.rows(); }
   };
 
+  /// Scratch of infer(), owned by the caller and reused: sized by the first call, it allocates nothing
+  /// more at the same (or a smaller) batch size. Holds nothing backward could use.
+  struct Workspace {
+    RowMatrix<Scalar> q;       ///< [B, H * Dk]
+    IdMatrix ids;              ///< [B, H * k] the last call's experts (for statistics)
+    RowMatrix<Scalar> scores;  ///< [B, H * k]
+    RowMatrix<Scalar> gates;   ///< [B, H * k]
+    RowMatrix<Scalar> z;       ///< [B, H * k]
+    typename QueryNet::Cache query;
+    typename ProductKeyRetrieval<Scalar>::Workspace retrieval;
+  };
+
   /// Validates `config` (std::invalid_argument on the first broken rule) and builds the default query
   /// network from it.
   explicit ProductKeyLayer(const PeerConfig& config) : ProductKeyLayer(config, make_query_network(config)) {}
@@ -177,39 +189,54 @@ class ProductKeyLayer {
 
   /// y = PEER(x). x [B, D]; y [B, D] assigned (may be x itself). Fills `cache` for backward.
   /// Mode::kTrain uses batch statistics in batch-normed queries and updates their running statistics in
-  /// `params`; Mode::kEval uses the running statistics and changes nothing in `params`. `mask` (size B,
-  /// optional) marks the rows that count in batch statistics (padding excluded); every row still gets an
-  /// output. Throws std::invalid_argument on shapes, std::domain_error on non-finite x or queries.
+  /// `params`; Mode::kEval uses the running statistics and changes nothing in `params` (infer() does the
+  /// same on const parameters, without the cache). `mask` (size B, optional) marks the rows that count in
+  /// batch statistics (padding excluded); every row still gets an output. Throws std::invalid_argument on
+  /// shapes, std::domain_error on non-finite x or queries.
   void forward(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Cache& cache,
-               Mode mode = Mode::kTrain, const RowMask* mask = nullptr) const {
+               Mode mode, const RowMask* mask = nullptr) const {
+    begin_forward(params, x, y, cache, mode);
+    query_.forward(params, cache.x, cache.q, cache.query, mode, mask);
+    retrieval_.search(params, cache.q, cache.ids, cache.scores, cache.retrieval);
+    finish_forward(params, y, cache);
+  }
+
+  /// forward() with the routing held fixed: the experts are `ids` [B, H * k] (head h's in columns
+  /// [h k, (h + 1) k)) instead of the search's, scored as the search scores them (q_h . key), gated and
+  /// mixed as usual. backward() is the same. With ids from a forward() on the same x and parameters this
+  /// is that forward (its scores to rounding); with ids held while parameters move, it is the smooth
+  /// function central differences can check without top-k flips (peer/testing/gradient_check.hpp).
+  void forward_routed(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const ConstIdMatrixRef& ids,
+                      MatrixRef<Scalar> y, Cache& cache, Mode mode, const RowMask* mask = nullptr) const {
+    begin_forward(params, x, y, cache, mode);
+    detail::check_shape("ids", ids.rows(), ids.cols(), x.rows(), config_.num_heads * config_.top_k);
+    query_.forward(params, cache.x, cache.q, cache.query, mode, mask);
+    cache.ids = ids;
+    retrieval_.score(params, cache.q, cache.ids, cache.scores);
+    finish_forward(params, y, cache);
+  }
+
+  /// Inference: y = PEER(x) as forward() computes it in Mode::kEval, bit for bit, on const parameters
+  /// (nothing in them changes), without a backward cache and without copying x. x, y [B, D]; y must not
+  /// overlap x. `ws` is reused: after the first call at a batch size, further calls at that size allocate
+  /// nothing (tested). Throws as forward() does.
+  void infer(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Workspace& ws) const {
     const Index b = x.rows(), d = config_.model_dim, hk = config_.num_heads * config_.top_k;
     check_layout(params.layout(), "params");
     detail::check_shape("x", x.rows(), x.cols(), b, d);
     detail::check_shape("y", y.rows(), y.cols(), b, d);
-    if (b * hk >= (Index{1} << 31)) {
-      detail::throw_invalid("batch * num_heads * top_k", b * hk, "must be < 2^31");
-    }
+    detail::check_no_overlap("infer: y", y, "x", x);
+    check_batch(b);
     detail::check_finite("x", x);
-    cache.ready = false;
-    cache.mode = mode;
-    cache.x = x;
-    cache.q.resize(b, config_.num_heads * config_.key_dim);
-    query_.forward(params, cache.x, cache.q, cache.query, mode, mask);
-    cache.ids.resize(b, hk);
-    cache.scores.resize(b, hk);
-    retrieval_.search(params, cache.q, cache.ids, cache.scores, cache.retrieval);
-    cache.gates.resize(b, hk);
-    const Index h_count = config_.num_heads, k = config_.top_k;
-    parallel_for(b, 64, [&](Index t0, Index t1, int) {
-      for (Index t = t0; t < t1; ++t) {
-        for (Index h = 0; h < h_count; ++h) {
-          gate_forward(config_.gating, &cache.scores(t, h * k), k, &cache.gates(t, h * k));
-        }
-      }
-    });
-    cache.z.resize(b, hk);
-    experts_.forward(params, cache.x, cache.ids, cache.gates, y, cache.z);
-    cache.ready = true;
+    ws.q.resize(b, config_.num_heads * config_.key_dim);
+    query_.infer(params, x, ws.q, ws.query);
+    ws.ids.resize(b, hk);
+    ws.scores.resize(b, hk);
+    retrieval_.search(params, ws.q, ws.ids, ws.scores, ws.retrieval);
+    ws.gates.resize(b, hk);
+    gate_all(ws.scores, ws.gates);
+    ws.z.resize(b, hk);
+    experts_.forward(params, x, ws.ids, ws.gates, y, ws.z);
   }
 
   /// Backward of the forward that filled `cache`, with `params` unchanged since. dy [B, D].
@@ -265,6 +292,48 @@ class ProductKeyLayer {
     p.sub_key_top_k = c.sub_key_top_k;
     p.key_sharing = c.key_sharing;
     return p;
+  }
+
+  void check_batch(Index b) const {
+    const Index hk = config_.num_heads * config_.top_k;
+    if (b * hk >= (Index{1} << 31)) detail::throw_invalid("batch * num_heads * top_k", b * hk, "must be < 2^31");
+  }
+
+  // forward()'s checks and the copy of x (so y may alias x).
+  void begin_forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const MatrixRef<Scalar>& y,
+                     Cache& cache, Mode mode) const {
+    const Index b = x.rows(), d = config_.model_dim, hk = config_.num_heads * config_.top_k;
+    check_layout(params.layout(), "params");
+    detail::check_shape("x", x.rows(), x.cols(), b, d);
+    detail::check_shape("y", y.rows(), y.cols(), b, d);
+    check_batch(b);
+    detail::check_finite("x", x);
+    cache.ready = false;
+    cache.mode = mode;
+    cache.x = x;
+    cache.q.resize(b, config_.num_heads * config_.key_dim);
+    cache.ids.resize(b, hk);
+    cache.scores.resize(b, hk);
+  }
+
+  // Gates from the scores, then the experts: the part of forward after routing.
+  void finish_forward(const Parameters<Scalar>& params, MatrixRef<Scalar> y, Cache& cache) const {
+    const Index b = cache.batch(), hk = config_.num_heads * config_.top_k;
+    cache.gates.resize(b, hk);
+    gate_all(cache.scores, cache.gates);
+    cache.z.resize(b, hk);
+    experts_.forward(params, cache.x, cache.ids, cache.gates, y, cache.z);
+    cache.ready = true;
+  }
+
+  // gates = gate(scores), per token and head.
+  void gate_all(const RowMatrix<Scalar>& scores, RowMatrix<Scalar>& gates) const {
+    const Index h_count = config_.num_heads, k = config_.top_k;
+    parallel_for(scores.rows(), 64, [&](Index t0, Index t1, int) {
+      for (Index t = t0; t < t1; ++t) {
+        for (Index h = 0; h < h_count; ++h) gate_forward(config_.gating, &scores(t, h * k), k, &gates(t, h * k));
+      }
+    });
   }
 
   void check_layout(const ParameterLayout& other, const char* what) const {

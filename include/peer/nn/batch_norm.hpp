@@ -74,18 +74,24 @@ class BatchNorm {
   void forward(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Cache& cache,
                Mode mode, const RowMask* mask) const {
     const Index rows = x.rows(), f = features_;
+    if (mask != nullptr && mask->size() != rows) {
+      detail::throw_invalid("row mask size", mask->size(), "must equal the batch size " + detail::to_text(rows));
+    }
+    if (mode == Mode::kEval) {
+      infer(params, x, y, cache);  // the mask matters to batch statistics only
+      return;
+    }
     cache.mode = mode;
     cache.xhat.resize(rows, f);
     cache.inv_std.resize(1, f);
     if (mask != nullptr) {
-      if (mask->size() != rows) detail::throw_invalid("row mask size", mask->size(), "must equal the batch size " + detail::to_text(rows));
       cache.mask = *mask;
     } else {
       cache.mask.setConstant(rows, true);
     }
     cache.count = cache.mask.count();
-    RowMatrix<Scalar> mean(1, f);
-    if (mode == Mode::kTrain) {
+    {
+      RowMatrix<Scalar> mean(1, f);
       const Index m = cache.count;
       if (m < 2) {
         detail::throw_invalid("BatchNorm (training mode) unmasked rows", m,
@@ -113,18 +119,19 @@ class BatchNorm {
       auto rv = params.buffer(running_var_);
       rm = (Scalar(1) - mom) * rm + mom * mean;
       rv = (Scalar(1) - mom) * rv + (mom * unbias) * var;
-    } else {
-      mean = params.buffer(running_mean_);
-      cache.inv_std = (params.buffer(running_var_).array() + static_cast<Scalar>(epsilon_)).rsqrt().matrix();
+      normalize(params, x, mean, y, cache);
     }
-    const auto gamma = params.dense(weight_);
-    const auto beta = params.dense(bias_);
-    parallel_for(rows, kRowGrain, [&](Index begin, Index end, int) {
-      for (Index r = begin; r < end; ++r) {
-        cache.xhat.row(r) = ((x.row(r) - mean).array() * cache.inv_std.array()).matrix();
-        y.row(r) = (cache.xhat.row(r).array() * gamma.array() + beta.array()).matrix();
-      }
-    });
+  }
+
+  /// Inference: y = BN(x) with the running statistics, as forward in Mode::kEval computes it (bit for
+  /// bit: the same code), on const parameters. Fills cache.xhat and cache.inv_std; allocates nothing once
+  /// the cache has held a batch of this size.
+  void infer(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y, Cache& cache) const {
+    cache.mode = Mode::kEval;
+    cache.xhat.resize(x.rows(), features_);
+    cache.inv_std.resize(1, features_);
+    eval_statistics(params, cache);
+    normalize(params, x, params.buffer(running_mean_), y, cache);
   }
 
   /// dx += dL/dx (see the file comment), dgamma += sum dy * xhat, dbeta += sum dy.
@@ -159,6 +166,24 @@ class BatchNorm {
   }
 
  private:
+  void eval_statistics(const Parameters<Scalar>& params, Cache& cache) const {
+    cache.inv_std = (params.buffer(running_var_).array() + static_cast<Scalar>(epsilon_)).rsqrt().matrix();
+  }
+
+  // xhat_r = (x_r - mean) * inv_std, y_r = gamma * xhat_r + beta, for every row.
+  template <typename Mean>
+  void normalize(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const Mean& mean, MatrixRef<Scalar> y,
+                 Cache& cache) const {
+    const auto gamma = params.dense(weight_);
+    const auto beta = params.dense(bias_);
+    parallel_for(x.rows(), kRowGrain, [&](Index begin, Index end, int) {
+      for (Index r = begin; r < end; ++r) {
+        cache.xhat.row(r) = ((x.row(r) - mean).array() * cache.inv_std.array()).matrix();
+        y.row(r) = (cache.xhat.row(r).array() * gamma.array() + beta.array()).matrix();
+      }
+    });
+  }
+
   Index features_ = 0;
   double momentum_ = 0.1;
   double epsilon_ = 1e-5;

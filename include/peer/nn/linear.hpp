@@ -5,6 +5,7 @@
 /// \file
 /// Linear: y = x W^T + b, with W [out, in] (the PyTorch convention) and an optional bias [1, out].
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -56,12 +57,18 @@ class Linear {
     if (has_bias()) params.dense(bias_handle_).setZero();
   }
 
+  /// Makes forward on `rows` rows allocation-free on every thread (see detail::reserve_gemm).
+  void reserve_forward(Index rows) const {
+    const Index full = std::min(rows, kRowGrain), last = rows % kRowGrain;
+    detail::reserve_gemm<Scalar>({{full, out_, in_}, {last, out_, in_}});
+  }
+
   /// y = x W^T + b. x [B, in], y [B, out] (assigned).
   void forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y) const {
     const auto w = params.dense(weight_);
     parallel_for(x.rows(), kRowGrain, [&](Index begin, Index end, int) {
       auto rows = y.middleRows(begin, end - begin);
-      detail::gemm(x.middleRows(begin, end - begin), w.transpose(), rows, Scalar(1), false);
+      detail::gemm(x.middleRows(begin, end - begin), w.transpose(), rows, Scalar(1), detail::GemmUpdate::kAssign);
       if (has_bias()) rows.rowwise() += params.dense(bias_handle_).row(0);
     });
   }
@@ -80,7 +87,7 @@ class Linear {
       scratch.dx.resize(dy.rows(), in_);
       parallel_for(dy.rows(), kRowGrain, [&](Index begin, Index end, int) {
         auto rows = scratch.dx.middleRows(begin, end - begin);
-        detail::gemm(dy.middleRows(begin, end - begin), w, rows, Scalar(1), false);
+        detail::gemm(dy.middleRows(begin, end - begin), w, rows, Scalar(1), detail::GemmUpdate::kAssign);
         dx.middleRows(begin, end - begin) += rows;
       });
     }
@@ -89,7 +96,7 @@ class Linear {
     constexpr Index kFeatureGrain = 64;
     parallel_for(out_, kFeatureGrain, [&](Index begin, Index end, int) {
       auto rows = scratch.dw.middleRows(begin, end - begin);
-      detail::gemm(dy.middleCols(begin, end - begin).transpose(), x, rows, Scalar(1), false);
+      detail::gemm(dy.middleCols(begin, end - begin).transpose(), x, rows, Scalar(1), detail::GemmUpdate::kAssign);
     });
     grads.dense(weight_) += scratch.dw;
     if (has_bias()) {

@@ -18,6 +18,8 @@
 ///   // count in batch statistics (null: all).
 ///   void forward(Parameters<Scalar>&, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache&, Mode,
 ///                const RowMask* mask) const;
+///   // Inference: what forward computes in Mode::kEval, bit for bit, on const parameters (nothing written).
+///   void infer(const Parameters<Scalar>&, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache&) const;
 ///   // dx += dL/dx, gradients added into grads; x is the input of the matching forward.
 ///   void backward(const Parameters<Scalar>&, const ConstMatrixRef<Scalar>& x, Cache&,
 ///                 const ConstMatrixRef<Scalar>& dq, MatrixRef<Scalar> dx, Gradients<Scalar>&) const;
@@ -115,17 +117,16 @@ class QueryNetwork {
 
   void forward(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache& cache,
                Mode mode, const RowMask* mask) const {
-    if (config_.norm == QueryNorm::kNone) {
-      linear_.forward(params, x, q);
-      return;
-    }
-    cache.pre.resize(x.rows(), output_dim());
-    linear_.forward(params, x, cache.pre);
-    if (config_.norm == QueryNorm::kBatchNorm) {
-      batch_norm_.forward(params, cache.pre, q, cache.batch_norm, mode, mask);
-    } else {
-      layer_norm_.forward(params, cache.pre, q, cache.layer_norm);
-    }
+    project(params, x, q, cache, [&](const RowMatrix<Scalar>& pre) {
+      batch_norm_.forward(params, pre, q, cache.batch_norm, mode, mask);
+    });
+  }
+
+  /// Mode::kEval's forward on const parameters: the same code, so the same bits. Allocates nothing once
+  /// the cache has held a batch of this size.
+  void infer(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache& cache) const {
+    linear_.reserve_forward(x.rows());
+    project(params, x, q, cache, [&](const RowMatrix<Scalar>& pre) { batch_norm_.infer(params, pre, q, cache.batch_norm); });
   }
 
   void backward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, Cache& cache,
@@ -144,6 +145,23 @@ class QueryNetwork {
   }
 
  private:
+  // q = Norm(W x + b); `batch_norm(pre)` runs the batch norm step (training or inference) on pre = W x + b.
+  template <typename BatchNormStep>
+  void project(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache& cache,
+               BatchNormStep&& batch_norm) const {
+    if (config_.norm == QueryNorm::kNone) {
+      linear_.forward(params, x, q);
+      return;
+    }
+    cache.pre.resize(x.rows(), output_dim());
+    linear_.forward(params, x, cache.pre);
+    if (config_.norm == QueryNorm::kBatchNorm) {
+      batch_norm(cache.pre);
+    } else {
+      layer_norm_.forward(params, cache.pre, q, cache.layer_norm);
+    }
+  }
+
   QueryNetworkConfig config_;
   Linear<Scalar> linear_;
   BatchNorm<Scalar> batch_norm_;

@@ -21,23 +21,56 @@
 
 namespace peer {
 
-/// A group of tensors trained with the same settings. A tensor belongs to the first group with a prefix
-/// its name starts with ("" matches every name).
+/// Which kinds of tensor a ParamGroup takes.
+enum class GroupKinds {
+  kAll,     ///< dense tensors and tables
+  kDense,   ///< dense tensors only
+  kTables,  ///< row-sparse tables only (expert tables, memory values)
+};
+
+/// A group of tensors trained with the same settings. A tensor belongs to the first group whose `kinds`
+/// admit it and one of whose `prefixes` matches its name. A pattern without '*' matches the names it is
+/// a prefix of ("" matches every name); a pattern with '*' matches whole names, '*' standing for any run
+/// of characters, dots included ("blocks.*.ffn.experts", "*.norm.*").
 struct ParamGroup {
   std::string name;
   std::vector<std::string> prefixes;
   double learning_rate = 1e-3;
   double weight_decay = 0.0;
   LrSchedule schedule;
+  GroupKinds kinds = GroupKinds::kAll;
 };
 
-/// The usual split for memory layers (PKM, Memory Layers at Scale): the row-sparse table (PEER's
-/// "experts", a product-key memory's "values") with its own, constant learning rate (1e-3 with Adam),
-/// everything else with `dense_lr` and `dense_schedule`.
+/// The usual split for memory layers (PKM, Memory Layers at Scale): every row-sparse table (PEER's
+/// "experts", a product-key memory's "values", in one layer or in every layer of a model) with its own,
+/// constant learning rate (1e-3 with Adam), everything else with `dense_lr` and `dense_schedule`.
 inline std::vector<ParamGroup> default_param_groups(double dense_lr, LrSchedule dense_schedule = LrSchedule(),
                                                      double expert_lr = 1e-3, double dense_weight_decay = 0.0) {
-  return {ParamGroup{"experts", {"experts", "values"}, expert_lr, 0.0, LrSchedule()},
-          ParamGroup{"dense", {""}, dense_lr, dense_weight_decay, dense_schedule}};
+  return {ParamGroup{"experts", {""}, expert_lr, 0.0, LrSchedule(), GroupKinds::kTables},
+          ParamGroup{"dense", {""}, dense_lr, dense_weight_decay, dense_schedule, GroupKinds::kAll}};
+}
+
+/// Whether `name` matches a ParamGroup pattern (see ParamGroup).
+inline bool matches_pattern(const std::string& pattern, const std::string& name) {
+  if (pattern.find('*') == std::string::npos) return name.compare(0, pattern.size(), pattern) == 0;
+  // Glob with '*' only: greedy match with backtracking to the last star, O(|pattern| |name|).
+  std::size_t p = 0, n = 0, star = std::string::npos, mark = 0;
+  while (n < name.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      mark = n;
+    } else if (p < pattern.size() && pattern[p] == name[n]) {
+      ++p;
+      ++n;
+    } else if (star != std::string::npos) {
+      p = star + 1;
+      n = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
 }
 
 /// A named state tensor of an optimizer (moments, momentum buffers), for checkpoints.
@@ -75,17 +108,19 @@ inline GroupAssignment assign_groups(const ParameterLayout& layout, const std::v
     }
     groups[g].schedule.validate(where + ".schedule");
   }
-  auto find = [&](const std::string& name) {
+  auto find = [&](const std::string& name, bool table) {
     for (std::size_t g = 0; g < groups.size(); ++g) {
+      const GroupKinds k = groups[g].kinds;
+      if ((table && k == GroupKinds::kDense) || (!table && k == GroupKinds::kTables)) continue;
       for (const auto& p : groups[g].prefixes) {
-        if (name.compare(0, p.size(), p) == 0) return static_cast<int>(g);
+        if (matches_pattern(p, name)) return static_cast<int>(g);
       }
     }
     throw std::invalid_argument("optimizer: tensor '" + name + "' belongs to no ParamGroup (add a group with prefix \"\")");
   };
   GroupAssignment a;
-  for (const auto& s : layout.dense()) a.dense.push_back(find(s.name));
-  for (const auto& s : layout.tables()) a.tables.push_back(find(s.name));
+  for (const auto& s : layout.dense()) a.dense.push_back(find(s.name, false));
+  for (const auto& s : layout.tables()) a.tables.push_back(find(s.name, true));
   return a;
 }
 

@@ -6,6 +6,7 @@
 /// detail::OptimizerCore: the bookkeeping every optimizer shares (layout, groups, the global step,
 /// per-tensor learning rates and weight decays for the current step).
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -31,6 +32,20 @@ class OptimizerCore {
   /// Group g's learning rate at the step `step` (1-based), schedule included.
   double learning_rate(std::size_t g, std::int64_t step) const {
     return groups_.at(g).learning_rate * groups_.at(g).schedule.factor(step);
+  }
+  /// Sets group g's base learning rate (the schedule still scales it), for hosts that drive the rate
+  /// themselves step by step; validated as at construction.
+  void set_learning_rate(std::size_t g, double learning_rate) {
+    if (g >= groups_.size()) detail::throw_invalid("optimizer group index", g, "must be < " + detail::to_text(groups_.size()));
+    if (!(learning_rate >= 0.0) || !std::isfinite(learning_rate)) {
+      detail::throw_invalid("ParamGroup '" + groups_[g].name + "'.learning_rate", learning_rate, "must be finite and >= 0");
+    }
+    groups_[g].learning_rate = learning_rate;
+  }
+  /// Index of the group named `name`; throws if there is none.
+  std::size_t group_index(const std::string& name) const {
+    for (std::size_t g = 0; g < groups_.size(); ++g) if (groups_[g].name == name) return g;
+    throw std::invalid_argument("optimizer: no ParamGroup named '" + name + "'");
   }
   /// Group of a tensor by name (-1 if none), for inspection.
   int group_of(const std::string& name) const {

@@ -83,9 +83,10 @@ class ProductKeyRetrieval {
   struct Workspace {
     std::vector<TileScratch> tiles;  // one per thread
     std::vector<std::int32_t> keys;  // backward: item -> sub-key row
-    KeyGroups groups;
+    detail::KeyGroups groups;
     RowMatrix<Scalar> rows;          // backward: summed sub-key rows of one group set
     Index fallbacks = 0;             // queries of the last search that needed the exact tie enumeration
+    std::vector<Index> thread_fallbacks;  // per-thread counts of the last search
   };
 
   ProductKeyRetrieval() = default;
@@ -145,8 +146,9 @@ class ProductKeyRetrieval {
   void search(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, IdMatrixRef ids,
               MatrixRef<Scalar> scores, Workspace& ws) const {
     check_search_inputs(params, queries, ids.rows(), ids.cols(), scores.rows(), scores.cols());
-    prepare(ws);
-    std::vector<Index> fallbacks(ws.tiles.size(), 0);
+    reserve(ws, queries.rows());
+    std::vector<Index>& fallbacks = ws.thread_fallbacks;
+    fallbacks.assign(ws.tiles.size(), 0);
     const Index h_count = num_heads(), k = top_k();
     parallel_for(queries.rows(), tile_tokens(), [&](Index t0, Index t1, int thread) {
       TileScratch& tile = ws.tiles[static_cast<std::size_t>(thread)];
@@ -162,6 +164,32 @@ class ProductKeyRetrieval {
     });
     ws.fallbacks = std::accumulate(fallbacks.begin(), fallbacks.end(), Index(0));
     detail::check_finite("retrieved scores", scores);
+  }
+
+  /// Scores of given experts instead of searched ones (routing held fixed, for gradient checks and
+  /// user routers): scores(t, h k + j) = q1 . c_a + q2 . c'_b for expert ids(t, h k + j) = a n + b of head
+  /// h. queries [B, H * Dk], ids [B, H * k] (any order, repeats allowed), scores [B, H * k] assigned.
+  /// backward() then applies unchanged.
+  void score(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, const ConstIdMatrixRef& ids,
+             MatrixRef<Scalar> scores) const {
+    check_search_inputs(params, queries, ids.rows(), ids.cols(), scores.rows(), scores.cols());
+    detail::check_ids(ids, num_experts());
+    const Index h_count = num_heads(), k = top_k(), n = num_sub_keys(), half = half_dim(), dk = key_dim();
+    const auto left = params.dense(left_);
+    const auto right = params.dense(right_);
+    const bool per_head = config_.key_sharing == KeySharing::kPerHead;
+    parallel_for(queries.rows(), 64, [&](Index t0, Index t1, int) {
+      for (Index t = t0; t < t1; ++t) {
+        for (Index h = 0; h < h_count; ++h) {
+          const Index offset = per_head ? h * n : 0;
+          for (Index j = 0; j < k; ++j) {
+            const ExpertId id = ids(t, h * k + j);
+            scores(t, h * k + j) = queries.row(t).segment(h * dk, half).dot(left.row(offset + id / n)) +
+                                   queries.row(t).segment(h * dk + half, half).dot(right.row(offset + id % n));
+          }
+        }
+      }
+    });
   }
 
   /// Back-propagates dL/dscores [B, H * k] through score(a, b) = q1 . c_a + q2 . c'_b:
@@ -205,8 +233,8 @@ class ProductKeyRetrieval {
         ws.keys[static_cast<std::size_t>(i)] =
             static_cast<std::int32_t>((per_head ? h * n : 0) + (side == 0 ? id / n : id % n));
       }
-      group_by_key(ws.keys.data(), items, sub_key_rows(), ws.groups);
-      const KeyGroups& g = ws.groups;
+      detail::group_by_key(ws.keys.data(), items, sub_key_rows(), ws.groups);
+      const detail::KeyGroups& g = ws.groups;
       ws.rows.setZero(g.num_groups(), half);
       parallel_for(g.num_groups(), 64, [&](Index g0, Index g1, int) {
         for (Index gi = g0; gi < g1; ++gi) {
@@ -229,6 +257,43 @@ class ProductKeyRetrieval {
     if (ws.tiles.size() < threads) ws.tiles.resize(threads);
   }
 
+  /// Sizes every thread's scratch (and its GEMM packing buffers) for a search of `rows` queries, before
+  /// the parallel loop: then the search allocates nothing whichever thread scores which tile.
+  void reserve(Workspace& ws, Index rows) const {
+    prepare(ws);
+    const Index h_count = num_heads(), n = num_sub_keys(), half = half_dim(), tt = tile_tokens();
+    const Index full = std::min(rows, tt), last = rows % tt;
+    const std::size_t ka = static_cast<std::size_t>(std::min(sub_key_top_k() + 1, n));
+    for (TileScratch& tile : ws.tiles) {
+      reserve_tile(tile, full * h_count);
+      for (auto* v : {&tile.a_idx, &tile.b_idx}) v->reserve(ka);
+      for (auto* v : {&tile.a_val, &tile.b_val}) v->reserve(ka);
+      tile.sorted_b.reserve(static_cast<std::size_t>(n));  // the exact tie enumeration (rare)
+      tile.tie_b.reserve(static_cast<std::size_t>(n));
+    }
+    ws.thread_fallbacks.reserve(ws.tiles.size());
+    if (config_.key_sharing == KeySharing::kShared) {
+      detail::reserve_gemm<Scalar>({{full * h_count, n, half}, {last * h_count, n, half}});
+    } else {
+      detail::reserve_gemm<Scalar>({{full, n, half}, {last, n, half}});
+    }
+  }
+
+  /// Tile scratch for at least `rows` query rows: kept at the rows of a full tile, so a shorter last tile
+  /// reuses it.
+  void reserve_tile(TileScratch& tile, Index rows) const {
+    const Index n = num_sub_keys(), half = half_dim(), full = std::max(rows, tile_tokens() * num_heads());
+    auto grow = [&](RowMatrix<Scalar>& m, Index cols) {
+      if (m.rows() < rows || m.cols() != cols) m.resize(full, cols);
+    };
+    grow(tile.s_left, n);
+    grow(tile.s_right, n);
+    if (config_.key_sharing == KeySharing::kShared) {
+      grow(tile.q_left, half);
+      grow(tile.q_right, half);
+    }
+  }
+
   /// Sub-key scores of tokens [t0, t1): tile.s_left / s_right row (t - t0) * H + h holds s1 / s2 of
   /// token t, head h. The brute-force oracle uses this same routine, so both see identical scores.
   void score_tile(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, Index t0, Index t1,
@@ -237,28 +302,25 @@ class ProductKeyRetrieval {
     const Index rows = (t1 - t0) * h_count;
     const auto left = params.dense(left_);
     const auto right = params.dense(right_);
-    tile.s_left.resize(rows, n);
-    tile.s_right.resize(rows, n);
+    reserve_tile(tile, rows);  // only the first `rows` rows are used
     if (config_.key_sharing == KeySharing::kShared) {
       // Stack every head's half-queries into one [T * H, Dk / 2] matrix: one GEMM per half.
-      tile.q_left.resize(rows, half);
-      tile.q_right.resize(rows, half);
       for (Index t = t0; t < t1; ++t) {
         for (Index h = 0; h < h_count; ++h) {
           tile.q_left.row((t - t0) * h_count + h) = queries.row(t).segment(h * dk, half);
           tile.q_right.row((t - t0) * h_count + h) = queries.row(t).segment(h * dk + half, half);
         }
       }
-      detail::gemm(tile.q_left, left.transpose(), tile.s_left, Scalar(1), false);
-      detail::gemm(tile.q_right, right.transpose(), tile.s_right, Scalar(1), false);
+      detail::gemm(tile.q_left.topRows(rows), left.transpose(), tile.s_left.topRows(rows), Scalar(1), detail::GemmUpdate::kAssign);
+      detail::gemm(tile.q_right.topRows(rows), right.transpose(), tile.s_right.topRows(rows), Scalar(1), detail::GemmUpdate::kAssign);
     } else {
       for (Index h = 0; h < h_count; ++h) {
         MatrixMap<Scalar> out_l(tile.s_left.row(h).data(), t1 - t0, n, Eigen::OuterStride<>(h_count * n));
         MatrixMap<Scalar> out_r(tile.s_right.row(h).data(), t1 - t0, n, Eigen::OuterStride<>(h_count * n));
         detail::gemm(queries.block(t0, h * dk, t1 - t0, half), left.middleRows(h * n, n).transpose(), out_l,
-                     Scalar(1), false);
+                     Scalar(1), detail::GemmUpdate::kAssign);
         detail::gemm(queries.block(t0, h * dk + half, t1 - t0, half), right.middleRows(h * n, n).transpose(), out_r,
-                     Scalar(1), false);
+                     Scalar(1), detail::GemmUpdate::kAssign);
       }
     }
   }
