@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # The Debian packages the project builds with.
-PEER_PACKAGES=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+PEER_PACKAGES=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev python3-numpy)
 
 # ensure_packages PKG...: installs the missing ones with apt-get when root; otherwise prints the exact
 # command to run and exits non-zero.

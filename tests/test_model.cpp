@@ -256,6 +256,30 @@ TEST(ModelStack, SharedTableHasOneValueOneGradientAndOneOptimizerState) {
             s.views.params(stack.l2).table(peer::TableHandle{0}).data());
 }
 
+TEST(ModelStack, TheWholeModelCanLiveInUserMemory) {
+  Stack<float> stack(small_config());
+  const auto& m = stack.model.layout();
+  std::vector<float> dense(static_cast<std::size_t>(m.dense_size()), 0.0f), buffers(static_cast<std::size_t>(m.buffer_size()), 0.0f),
+      table(static_cast<std::size_t>(m.tables()[0].size()), 0.0f);
+  peer::Parameters<float>::ExternalMemory memory{dense.data(), buffers.data(), {table.data()}};
+  peer::Parameters<float> params(m, memory);
+  peer::LayerViews<float> views(stack.model, params);
+  stack.peer0.initialize(views.params(stack.l0), 1);
+  stack.ffw.initialize(views.params(stack.l1), 2);
+  // Every layer's tensors are where the model layout says, in the user's one flat array.
+  for (const auto& s : m.dense()) {
+    EXPECT_EQ(params.find(s.name).data(), dense.data() + s.offset) << s.name;
+  }
+  const auto w = views.params(stack.l1).find("ffw.up.weight");
+  EXPECT_EQ(w.data(), dense.data() + m.dense()[static_cast<std::size_t>(m.find("blocks.1.ffn.ffw.up.weight").first)].offset);
+  EXPECT_NE(w.norm(), 0.0f);
+  EXPECT_EQ(views.params(stack.l2).table(peer::TableHandle{0}).data(), table.data());
+  EXPECT_NE(std::count(table.begin(), table.end(), 0.0f), static_cast<long>(table.size()));
+  EXPECT_TRUE(views.made_from(params));
+  peer::Parameters<float> other(m);
+  EXPECT_FALSE(views.made_from(other));
+}
+
 TEST(ModelStack, WholeStackGradientsMatchCentralDifferences) {
   const auto config = small_config();
   Stack<double> stack(config);

@@ -55,6 +55,7 @@
 
 // io
 #include "peer/io/checkpoint.hpp"
+#include "peer/io/maps/peer_pytorch.hpp"
 #include "peer/io/training_checkpoint.hpp"
 
 #endif  // PEER_PEER_HPP

@@ -14,6 +14,7 @@
 #include "peer/core/error.hpp"
 #include "peer/core/fields.hpp"
 #include "peer/core/gradients.hpp"
+#include "peer/core/layer_layout.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/types.hpp"
@@ -53,7 +54,11 @@ struct DenseFfwConfig {
 };
 
 template <typename Scalar>
-class DenseFfw {
+class DenseFfw : public detail::LayerLayout<DenseFfw<Scalar>, Scalar> {
+  using Base = detail::LayerLayout<DenseFfw<Scalar>, Scalar>;
+  using Base::check_layout;
+  using Base::layout_;
+
  public:
   struct Cache {
     RowMatrix<Scalar> x;     ///< [B, D] input copy
@@ -70,15 +75,13 @@ class DenseFfw {
       : config_(checked(config)),
         up_(config.model_dim, config.hidden_dim, config.bias),
         gate_(config.model_dim, config.hidden_dim, config.bias),
-        down_(config.hidden_dim, config.model_dim, config.bias),
-        layout_(static_cast<Index>(sizeof(Scalar))) {
+        down_(config.hidden_dim, config.model_dim, config.bias) {
     up_.register_parameters(layout_, "ffw.up.");
     if (config_.kind == FfwKind::kGlu) gate_.register_parameters(layout_, "ffw.gate.");
     down_.register_parameters(layout_, "ffw.down.");
   }
 
   const DenseFfwConfig& config() const { return config_; }
-  const ParameterLayout& layout() const { return layout_; }
 
   // ---- Sizes and costs per token, as the product-key layers report them (2 FLOPs per multiply-add) ----
 
@@ -95,16 +98,10 @@ class DenseFfw {
     return static_cast<double>(total_parameters()) * static_cast<double>(sizeof(Scalar));
   }
 
-  Parameters<Scalar> make_parameters(std::uint64_t seed) const {
-    Parameters<Scalar> p(layout_);
-    initialize(p, seed);
-    return p;
-  }
-  Gradients<Scalar> make_gradients() const { return Gradients<Scalar>(layout_); }
 
   /// Weights U(+-1/sqrt(fan_in)), biases 0 (as Linear).
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
-    check_layout(params.layout());
+    check_layout(params.layout(), "params");
     up_.initialize(params, seed);
     if (config_.kind == FfwKind::kGlu) gate_.initialize(params, seed);
     down_.initialize(params, seed);
@@ -142,8 +139,8 @@ class DenseFfw {
                 Gradients<Scalar>& grads) const {
     if (!cache.ready) throw std::invalid_argument("DenseFfw::backward: the cache holds no forward pass");
     const Index b = cache.batch(), f = config_.hidden_dim;
-    check_layout(params.layout());
-    check_layout(grads.layout());
+    check_layout(params.layout(), "params");
+    check_layout(grads.layout(), "grads");
     detail::check_shape("dy", dy.rows(), dy.cols(), b, config_.model_dim);
     if (dx.rows() != 0) detail::check_shape("dx", dx.rows(), dx.cols(), b, config_.model_dim);
     cache.dact.setZero(b, f);
@@ -165,7 +162,7 @@ class DenseFfw {
 
  private:
   void check_inputs(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const MatrixRef<Scalar>& y) const {
-    check_layout(params.layout());
+    check_layout(params.layout(), "params");
     detail::check_shape("x", x.rows(), x.cols(), x.rows(), config_.model_dim);
     detail::check_shape("y", y.rows(), y.cols(), x.rows(), config_.model_dim);
     detail::check_finite("x", x);
@@ -193,13 +190,9 @@ class DenseFfw {
     c.validate();
     return c;
   }
-  void check_layout(const ParameterLayout& other) const {
-    if (other != layout_) throw std::invalid_argument("DenseFfw: parameters or gradients were made for a different layout");
-  }
 
   DenseFfwConfig config_;
   Linear<Scalar> up_, gate_, down_;
-  ParameterLayout layout_;
 };
 
 }  // namespace peer

@@ -36,6 +36,7 @@
 #include "peer/core/error.hpp"
 #include "peer/core/gemm.hpp"
 #include "peer/core/gradients.hpp"
+#include "peer/core/layer_layout.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameter_layout.hpp"
 #include "peer/core/parameters.hpp"
@@ -59,7 +60,11 @@ namespace peer {
 ///   moe.down.weight    [E D, F]    rows [e D, (e + 1) D) are W2_e [D, F]
 ///   moe.down.bias      [1, E D]    columns [e D, (e + 1) D) are b2_e   (Bias::kLearned)
 template <typename Scalar>
-class MoeFfw {
+class MoeFfw : public detail::LayerLayout<MoeFfw<Scalar>, Scalar> {
+  using Base = detail::LayerLayout<MoeFfw<Scalar>, Scalar>;
+  using Base::check_layout;
+  using Base::layout_;
+
   static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value,
                 "peer: Scalar must be float or double");
 
@@ -118,8 +123,7 @@ class MoeFfw {
   /// Validates `config` (std::invalid_argument on the first broken rule).
   explicit MoeFfw(const MoeConfig& config)
       : config_(checked(config)),
-        router_(config.model_dim, config.num_experts, Bias::kNone),
-        layout_(static_cast<Index>(sizeof(Scalar))) {
+        router_(config.model_dim, config.num_experts, Bias::kNone) {
     const Index d = config_.model_dim, e = config_.num_experts, f = config_.expert_hidden;
     router_.register_parameters(layout_, "moe.router.");
     up_weight_ = layout_.add_dense("moe.up.weight", e * f, d);
@@ -130,7 +134,6 @@ class MoeFfw {
 
   const MoeConfig& config() const { return config_; }
   /// The named list of tensors (name, shape, kind) of this layer.
-  const ParameterLayout& layout() const { return layout_; }
 
   // ---- Sizes and costs per token, as DenseFfw and the product-key layers report them (see MoeConfig) ----
 
@@ -146,16 +149,6 @@ class MoeFfw {
   double parameter_bytes_per_token() const {
     return config_.parameter_bytes_per_token(static_cast<Index>(sizeof(Scalar)));
   }
-
-  /// Owned parameters, initialized from `seed` (see initialize()).
-  Parameters<Scalar> make_parameters(std::uint64_t seed) const {
-    Parameters<Scalar> params(layout_);
-    initialize(params, seed);
-    return params;
-  }
-
-  /// Owned, zeroed gradients.
-  Gradients<Scalar> make_gradients() const { return Gradients<Scalar>(layout_); }
 
   /// Seeded initialization, each tensor a pure function of (seed, name): router and W1 U(+-1/sqrt(D)),
   /// W2 U(+-1/sqrt(F)) (PyTorch's Linear bounds, every expert initialized like a DenseFfw), biases 0.
@@ -389,14 +382,6 @@ class MoeFfw {
 
   bool has_bias() const { return config_.bias == Bias::kLearned; }
 
-  void check_layout(const ParameterLayout& other, const char* what) const {
-    if (other != layout_) {
-      throw std::invalid_argument(std::string(what) +
-                                  " were made for a different layout than this layer's (make them with "
-                                  "make_parameters()/make_gradients() or from layout())");
-    }
-  }
-
   static void fill_uniform(Parameters<Scalar>& params, DenseHandle h, double bound, std::uint64_t seed) {
     const CounterRng rng(seed, stream_of(params.layout().spec(h).name));
     auto w = params.dense(h);
@@ -624,7 +609,6 @@ class MoeFfw {
 
   MoeConfig config_;
   Linear<Scalar> router_;
-  ParameterLayout layout_;
   DenseHandle up_weight_, up_bias_, down_weight_, down_bias_;
 };
 

@@ -28,6 +28,7 @@
 
 #include "peer/core/error.hpp"
 #include "peer/core/gradients.hpp"
+#include "peer/core/layer_layout.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameter_layout.hpp"
 #include "peer/core/parameters.hpp"
@@ -64,7 +65,10 @@ inline QueryNetworkConfig query_network_config(const PeerConfig& c) {
 ///   experts                 [N, 2 D]      row-sparse table, row i = [u_i | v_i]   (SingleNeuronExperts)
 ///   values                  [N, D]        row-sparse table, row i = v_i           (ValueMemory)
 template <typename Scalar, typename Memory, typename QueryNet = QueryNetwork<Scalar>>
-class ProductKeyLayer {
+class ProductKeyLayer : public detail::LayerLayout<ProductKeyLayer<Scalar, Memory, QueryNet>, Scalar> {
+  using Base = detail::LayerLayout<ProductKeyLayer<Scalar, Memory, QueryNet>, Scalar>;
+  using Base::check_layout;
+  using Base::layout_;
   static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value,
                 "peer: Scalar must be float or double");
   static_assert(std::is_same<typename QueryNet::ScalarType, Scalar>::value,
@@ -111,8 +115,7 @@ class ProductKeyLayer {
       : config_(checked(config)),
         query_(std::move(query_network)),
         retrieval_(product_key_config(config)),
-        experts_(ExpertPoolConfig{config.num_experts, config.model_dim, config.activation}),
-        layout_(static_cast<Index>(sizeof(Scalar))) {
+        experts_(ExpertPoolConfig{config.num_experts, config.model_dim, config.activation}) {
     if (query_.input_dim() != config_.model_dim) {
       detail::throw_invalid("query network input_dim()", query_.input_dim(),
                             "must equal PeerConfig.model_dim = " + detail::to_text(config_.model_dim));
@@ -127,8 +130,6 @@ class ProductKeyLayer {
   }
 
   const PeerConfig& config() const { return config_; }
-  /// The named list of tensors (name, shape, kind) of this layer.
-  const ParameterLayout& layout() const { return layout_; }
   const QueryNet& query_network() const { return query_; }
   const ProductKeyRetrieval<Scalar>& retrieval() const { return retrieval_; }
   const Memory& experts() const { return experts_; }
@@ -166,16 +167,6 @@ class ProductKeyLayer {
   double parameter_bytes_per_token() const {
     return static_cast<double>(active_parameters_per_token()) * static_cast<double>(sizeof(Scalar));
   }
-
-  /// Owned parameters, initialized from `seed` (see initialize()).
-  Parameters<Scalar> make_parameters(std::uint64_t seed) const {
-    Parameters<Scalar> params(layout_);
-    initialize(params, seed);
-    return params;
-  }
-
-  /// Owned, zeroed gradients.
-  Gradients<Scalar> make_gradients() const { return Gradients<Scalar>(layout_); }
 
   /// Seeded initialization; every tensor's values depend only on the seed and its name:
   /// query weight U(+-1/sqrt(D)), biases 0, norm gamma 1 / beta 0, running mean 0 / variance 1,
@@ -336,19 +327,10 @@ class ProductKeyLayer {
     });
   }
 
-  void check_layout(const ParameterLayout& other, const char* what) const {
-    if (other != layout_) {
-      throw std::invalid_argument(std::string(what) +
-                                  " were made for a different layout than this layer's (make them with "
-                                  "make_parameters()/make_gradients() or from layout())");
-    }
-  }
-
   PeerConfig config_;
   QueryNet query_;
   ProductKeyRetrieval<Scalar> retrieval_;
   Memory experts_;
-  ParameterLayout layout_;
 };
 
 }  // namespace peer
