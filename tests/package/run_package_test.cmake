@@ -15,6 +15,7 @@ if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} -S ${PEER_SOURCE_DIR} -B ${WORK_DIR}/peer-build -G ${GENERATOR}
       -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DPEER_BUILD_TESTS=OFF -DPEER_BUILD_EXAMPLES=OFF
       -DCMAKE_INSTALL_PREFIX=${WORK_DIR}/prefix)
+  run(${CMAKE_COMMAND} --build ${WORK_DIR}/peer-build)  # the C interface's static library
   run(${CMAKE_COMMAND} --install ${WORK_DIR}/peer-build)
   set(extra -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
 endif()
@@ -24,3 +25,4 @@ run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/consumer-build -G ${GENER
     -DPEER_SOURCE_DIR=${PEER_SOURCE_DIR} ${extra})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer-build)
 run(${WORK_DIR}/consumer-build/consumer)
+run(${WORK_DIR}/consumer-build/consumer_c)

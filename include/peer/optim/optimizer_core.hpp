@@ -42,6 +42,14 @@ class OptimizerCore {
     }
     groups_[g].learning_rate = learning_rate;
   }
+  /// Sets group g's weight decay; validated as at construction.
+  void set_weight_decay(std::size_t g, double weight_decay) {
+    if (g >= groups_.size()) detail::throw_invalid("optimizer group index", g, "must be < " + detail::to_text(groups_.size()));
+    if (!(weight_decay >= 0.0) || !std::isfinite(weight_decay)) {
+      detail::throw_invalid("ParamGroup '" + groups_[g].name + "'.weight_decay", weight_decay, "must be finite and >= 0");
+    }
+    groups_[g].weight_decay = weight_decay;
+  }
   /// Index of the group named `name`; throws if there is none.
   std::size_t group_index(const std::string& name) const {
     for (std::size_t g = 0; g < groups_.size(); ++g) if (groups_[g].name == name) return g;
