@@ -1,5 +1,6 @@
 // safetensors: round trips in every dtype, conversions, zero-copy views of mapped files, and a reader that
 // rejects every malformed file with a named error (truncation at every offset, crafted headers).
+#include <peer/io/parameters_file.hpp>
 #include <peer/io/safetensors.hpp>
 
 #include <cstdio>
@@ -195,6 +196,66 @@ TEST(Safetensors, WriterRefusesBadInput) {
   EXPECT_THROW(w.add("c", &f, {1}, peer::SafetensorsDType::kI32), std::invalid_argument);
   const float* null = nullptr;
   EXPECT_THROW(w.add("d", null, {2}), std::invalid_argument);
+}
+
+TEST(Safetensors, AWholeModelUnderOurNamesRoundTripsAndBadFilesChangeNothing) {
+  peer::PeerLayer<float> layer(small_config());
+  peer::DenseFfwConfig fc;
+  fc.model_dim = 8;
+  fc.hidden_dim = 12;
+  peer::DenseFfw<float> ffw(fc);
+  peer::ModelLayout model;
+  const int a = model.add_layer("blocks.0.ffn.", layer.layout());
+  const int b = model.add_layer("blocks.1.ffn.", ffw.layout());
+  peer::Parameters<float> params(model.layout());
+  peer::LayerViews<float> views(model, params);
+  layer.initialize(views.params(a), 1);
+  ffw.initialize(views.params(b), 2);
+  params.find("blocks.0.ffn.query.norm.running_var").setConstant(3.0f);  // buffers travel too
+  peer::SafetensorsWriter w;
+  peer::add_parameters(w, params, "model.");
+  const auto file = peer::SafetensorsFile::from_bytes(w.to_bytes());
+  EXPECT_EQ(file.tensor("model.blocks.0.ffn.experts").shape, (std::vector<std::int64_t>{16, 16}));
+  peer::Parameters<float> loaded(model.layout());
+  peer::load_parameters(file, loaded, "model.");
+  EXPECT_EQ(storage_bytes(loaded), storage_bytes(params));
+  // Every failure is named and leaves the target untouched.
+  auto expect_refused = [&](const std::string& bytes, const std::string& text) {
+    peer::Parameters<float> target(model.layout());
+    const auto before = storage_bytes(target);
+    try {
+      peer::load_parameters(peer::SafetensorsFile::from_bytes(bytes), target, "model.");
+      ADD_FAILURE() << "accepted; expected: " << text;
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(storage_bytes(target), before);
+  };
+  peer::SafetensorsWriter extra;
+  peer::add_parameters(extra, params, "model.");
+  const float one = 1.0f;
+  extra.add("model.blocks.9.unknown", &one, {1});
+  expect_refused(extra.to_bytes(), "the file's tensor 'model.blocks.9.unknown' is not a parameter here");
+  peer::SafetensorsWriter other_prefix;
+  peer::add_parameters(other_prefix, params, "net.");
+  expect_refused(other_prefix.to_bytes(), "tensor 'model.blocks.0.ffn.query.weight' is not in the file");
+  peer::PeerLayer<float> wide(small_config(8, 5));  // N = 25: another shape of the same name
+  peer::SafetensorsWriter mixed;
+  peer::ModelLayout wide_model;
+  wide_model.add_layer("blocks.0.ffn.", wide.layout());
+  wide_model.add_layer("blocks.1.ffn.", ffw.layout());
+  peer::Parameters<float> wp(wide_model.layout());
+  peer::add_parameters(mixed, wp, "model.");
+  expect_refused(mixed.to_bytes(), "tensor 'model.blocks.0.ffn.sub_keys.left' has shape [5, 4], which does not view as a [4, 4] matrix");
+  // Stored in BF16, the weights come back to bf16 precision.
+  peer::SafetensorsWriter half;
+  peer::add_parameters(half, params, "", peer::SafetensorsDType::kBF16);
+  peer::Parameters<float> rounded(model.layout());
+  peer::load_parameters(peer::SafetensorsFile::from_bytes(half.to_bytes()), rounded);
+  const auto w0 = params.find("blocks.0.ffn.query.weight");
+  const auto w1 = rounded.find("blocks.0.ffn.query.weight");
+  EXPECT_LE((w0 - w1).cwiseAbs().maxCoeff(), w0.cwiseAbs().maxCoeff() / 128);
+  EXPECT_GT((w0 - w1).cwiseAbs().maxCoeff(), 0.0f);
 }
 
 }  // namespace

@@ -289,34 +289,32 @@ class SafetensorsFile {
   /// [H, n, 2, dk] tensor views as [H n 2, dk] or [H n, 2 dk]).
   template <typename Scalar>
   RowMatrix<Scalar> matrix(const std::string& name, Index rows = -1, Index cols = -1) const {
-    const SafetensorsTensor& t = tensor(name);
-    Index r = 1, c = static_cast<Index>(t.numel);
-    if (rows >= 0 || cols >= 0) {
-      bool splits = false;
-      std::int64_t lead = 1;
-      for (std::size_t k = 0; k <= t.shape.size() && !splits; ++k) {
-        if (k > 0) lead *= t.shape[k - 1];
-        std::int64_t rest = 1;
-        for (std::size_t q = k; q < t.shape.size(); ++q) rest *= t.shape[q];
-        splits = (rows < 0 || lead == rows) && (cols < 0 || rest == cols);
-        if (splits) {
-          r = static_cast<Index>(lead);
-          c = static_cast<Index>(rest);
-        }
-      }
-      if (!splits) {
-        std::string shape;
-        for (std::size_t q = 0; q < t.shape.size(); ++q) shape += (q > 0 ? ", " : "") + std::to_string(t.shape[q]);
-        throw std::runtime_error(where_ + "tensor " + detail::quote_text(name) + " has shape [" + shape +
-                                 "], which does not view as a [" + std::to_string(rows) + ", " + std::to_string(cols) + "] matrix");
-      }
-    } else if (t.shape.size() >= 2) {
-      r = static_cast<Index>(t.shape[0]);
-      c = r == 0 ? 0 : static_cast<Index>(t.numel) / r;
-    }
-    RowMatrix<Scalar> m(r, c);
+    const auto shape = matrix_shape(name, rows, cols);
+    RowMatrix<Scalar> m(shape.first, shape.second);
     read(name, m.data(), static_cast<std::size_t>(m.size()));
     return m;
+  }
+
+  /// The [rows, cols] that matrix(name, rows, cols) would return, without reading the tensor; throws
+  /// when the shape does not split as asked (see matrix()).
+  std::pair<Index, Index> matrix_shape(const std::string& name, Index rows = -1, Index cols = -1) const {
+    const SafetensorsTensor& t = tensor(name);
+    if (rows < 0 && cols < 0) {
+      if (t.shape.size() < 2) return {1, static_cast<Index>(t.numel)};
+      const Index r = static_cast<Index>(t.shape[0]);
+      return {r, r == 0 ? 0 : static_cast<Index>(t.numel) / r};
+    }
+    std::int64_t lead = 1;
+    for (std::size_t k = 0; k <= t.shape.size(); ++k) {
+      if (k > 0) lead *= t.shape[k - 1];
+      std::int64_t rest = 1;
+      for (std::size_t q = k; q < t.shape.size(); ++q) rest *= t.shape[q];
+      if ((rows < 0 || lead == rows) && (cols < 0 || rest == cols)) return {static_cast<Index>(lead), static_cast<Index>(rest)};
+    }
+    std::string shape;
+    for (std::size_t q = 0; q < t.shape.size(); ++q) shape += (q > 0 ? ", " : "") + std::to_string(t.shape[q]);
+    throw std::runtime_error(where_ + "tensor " + detail::quote_text(name) + " has shape [" + shape +
+                             "], which does not view as a [" + std::to_string(rows) + ", " + std::to_string(cols) + "] matrix");
   }
 
  private:

@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: MIT
+#ifndef PEER_IO_PARAMETERS_FILE_HPP
+#define PEER_IO_PARAMETERS_FILE_HPP
+
+/// \file
+/// Our own names in safetensors files: every tensor of a Parameters object (a layer's, or a whole model's
+/// made from a ModelLayout) as "<prefix><name>", dense tensors, buffers (batch-norm running statistics)
+/// and tables alike, each with its [rows, cols] shape. What PyTorch code that mirrors our layout loads
+/// with safetensors.torch.load_file, and what our training checkpoints are not: weights only, no optimizer
+/// state (peer/io/training_checkpoint.hpp keeps that).
+
+#include <string>
+
+#include "peer/core/parameters.hpp"
+#include "peer/io/safetensors.hpp"
+
+namespace peer {
+
+namespace detail {
+
+template <typename Scalar, typename Visit>
+void for_each_tensor(Parameters<Scalar>& params, Visit&& visit) {
+  const ParameterLayout& layout = params.layout();
+  for (const auto& s : layout.dense()) visit(s, params.dense_data() + s.offset);
+  for (const auto& s : layout.buffers()) visit(s, params.buffer_data() + s.offset);
+  for (std::size_t t = 0; t < layout.tables().size(); ++t) visit(layout.tables()[t], params.table(TableHandle{static_cast<int>(t)}).data());
+}
+
+}  // namespace detail
+
+/// Adds every tensor of `params` to `writer` as "<prefix><name>" [rows, cols], stored as `stored`.
+template <typename Scalar>
+void add_parameters(SafetensorsWriter& writer, const Parameters<Scalar>& params, const std::string& prefix = "",
+                    SafetensorsDType stored = safetensors_dtype_of<Scalar>()) {
+  detail::for_each_tensor(const_cast<Parameters<Scalar>&>(params), [&](const TensorSpec& s, const Scalar* data) {
+    writer.add(prefix + s.name, data, {static_cast<std::int64_t>(s.rows), static_cast<std::int64_t>(s.cols)}, stored);
+  });
+}
+
+/// Fills every tensor of `params` from "<prefix><name>" of `file`, converted to Scalar. Checked first,
+/// so that a failure changes nothing: every tensor present with its [rows, cols] shape, and no tensor of
+/// the file under `prefix` that `params` does not have (std::runtime_error naming it).
+template <typename Scalar>
+void load_parameters(const SafetensorsFile& file, Parameters<Scalar>& params, const std::string& prefix = "") {
+  const ParameterLayout& layout = params.layout();
+  detail::for_each_tensor(params, [&](const TensorSpec& s, Scalar*) {
+    const std::string name = prefix + s.name;
+    if (!file.has(name)) throw std::runtime_error("load_parameters: tensor " + detail::quote_text(name) + " is not in the file");
+    (void)file.matrix_shape(name, s.rows, s.cols);  // throws, naming it, unless it is [rows, cols]
+    if (!detail::is_float_dtype(file.tensor(name).dtype)) {
+      throw std::runtime_error("load_parameters: tensor " + detail::quote_text(name) + " is " + to_string(file.tensor(name).dtype) +
+                               ", not a float dtype");
+    }
+  });
+  for (const auto& t : file.tensors()) {
+    if (t.name.compare(0, prefix.size(), prefix) != 0) continue;
+    if (layout.find(t.name.substr(prefix.size())).first < 0) {
+      throw std::runtime_error("load_parameters: the file's tensor " + detail::quote_text(t.name) + " is not a parameter here");
+    }
+  }
+  detail::for_each_tensor(params, [&](const TensorSpec& s, Scalar* data) {
+    file.read(prefix + s.name, data, static_cast<std::size_t>(s.size()));
+  });
+}
+
+}  // namespace peer
+
+#endif  // PEER_IO_PARAMETERS_FILE_HPP
