@@ -243,6 +243,13 @@ TEST(RoutingHeldFixed, ForwardRoutedWithSearchedIdsIsTheForward) {
   bad(3, 1) = static_cast<peer::ExpertId>(c.num_experts);
   EXPECT_THROW(layer.forward_routed(params, x, bad, yr, routed, peer::Mode::kTrain), std::invalid_argument);
   EXPECT_THROW(layer.forward_routed(params, x, ids.leftCols(2), yr, routed, peer::Mode::kTrain), std::invalid_argument);
+  // A refused call leaves the cache of the last forward usable for its backward.
+  layer.forward_routed(params, x, ids, yr, routed, peer::Mode::kTrain);
+  EXPECT_THROW(layer.forward_routed(params, x, bad, yr, routed, peer::Mode::kTrain), std::invalid_argument);
+  EXPECT_TRUE(routed.ready);
+  auto grads = layer.make_gradients();
+  Mat<double> dx = Mat<double>::Zero(20, 8);
+  EXPECT_NO_THROW(layer.backward(params, routed, y, dx, grads));
 }
 
 TEST(RoutingHeldFixed, MoeForwardRoutedWithItsOwnRoutingIsTheForwardBitwise) {

@@ -1,7 +1,6 @@
 // A user's program: build a small PEER layer, run forward and backward, check the output is finite; then
-// the same layer inside a model set, served by the inference path, and the public gradient checker.
+// the same layer inside a model set, served by the inference path.
 #include <peer/peer.hpp>
-#include <peer/testing/gradient_check.hpp>
 
 #include <iostream>
 
@@ -32,14 +31,6 @@ int main() {
   peer::RowMatrix<float> y2(8, 16);
   layer.infer(peer::layer_parameters(static_cast<const peer::Parameters<float>&>(model_params), model, l), x, y2, ws);
   ok = ok && y2.allFinite();
-  // The gradient checker on a double layer, routing held fixed.
-  peer::PeerLayer<double> checked(config);
-  auto dparams = checked.make_parameters(3);
-  peer::testing::GradientCheckOptions options;
-  options.max_entries = 8;
-  const auto result = peer::testing::check_layer_gradients(checked, dparams, peer::RowMatrix<double>::Random(6, 16),
-                                                           peer::Mode::kTrain, 1, options);
-  ok = ok && result.ok() && result.checked > 0;
   std::cout << "peer " << peer::version() << (ok ? ": consumer ok\n" : ": consumer FAILED\n");
   return ok ? 0 : 1;
 }

@@ -25,4 +25,6 @@ run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/consumer-build -G ${GENER
     -DPEER_SOURCE_DIR=${PEER_SOURCE_DIR} ${extra})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer-build)
 run(${WORK_DIR}/consumer-build/consumer)
-run(${WORK_DIR}/consumer-build/consumer_c)
+if(MODE STREQUAL "find_package")
+  run(${WORK_DIR}/consumer-build/consumer_c)
+endif()

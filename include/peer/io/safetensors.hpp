@@ -263,7 +263,8 @@ class SafetensorsFile {
       throw std::runtime_error(where_ + "tensor " + detail::quote_text(name) + " is " + to_string(t.dtype) +
                                ", which does not convert to " + to_string(safetensors_dtype_of<T>()));
     }
-    if (out == nullptr && count > 0) throw std::invalid_argument(where_ + "read(" + detail::quote_text(name) + "): out is null");
+    if (count == 0) return;  // an empty tensor (out may then be null: memcpy must not see it)
+    if (out == nullptr) throw std::invalid_argument(where_ + "read(" + detail::quote_text(name) + "): out is null");
     const unsigned char* p = buffer_ + t.begin;
     if (t.dtype == safetensors_dtype_of<T>()) {
       std::memcpy(out, p, count * sizeof(T));

@@ -199,8 +199,9 @@ class ProductKeyLayer : public detail::LayerLayout<ProductKeyLayer<Scalar, Memor
   /// function central differences can check without top-k flips (peer/testing/gradient_check.hpp).
   void forward_routed(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const ConstIdMatrixRef& ids,
                       MatrixRef<Scalar> y, Cache& cache, Mode mode, const RowMask* mask = nullptr) const {
-    begin_forward(params, x, y, cache, mode);
     detail::check_shape("ids", ids.rows(), ids.cols(), x.rows(), config_.num_heads * config_.top_k);
+    detail::check_ids(ids, config_.num_experts);  // before the cache changes: a refused call keeps it
+    begin_forward(params, x, y, cache, mode);
     query_.forward(params, cache.x, cache.q, cache.query, mode, mask);
     cache.ids = ids;
     retrieval_.score(params, cache.q, cache.ids, cache.scores);
