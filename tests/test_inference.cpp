@@ -33,7 +33,7 @@
 namespace {
 std::atomic<long> g_allocations{0};
 std::atomic<bool> g_counting{false};
-inline void count_one() {
+[[maybe_unused]] void count_one() {
   if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1, std::memory_order_relaxed);
 }
 }  // namespace
