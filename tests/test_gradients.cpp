@@ -26,8 +26,9 @@ void run_gradient_check(const Case& tc) {
   // Non-trivial norm and bias parameters, so their gradients are exercised away from the identity.
   if (c.query_bias == peer::Bias::kLearned) params.find("query.bias") = random_matrix<double>(1, f, 1, 0.5);
   if (c.query_norm != peer::QueryNorm::kNone) {
-    params.find("query.norm.weight") = random_matrix<double>(1, f, 2, 0.5).array() + 1.0;
-    params.find("query.norm.bias") = random_matrix<double>(1, f, 3, 0.5);
+    const Index a = params.find("query.norm.weight").cols();  // H Dk, or Dk / 2 when shared by half-queries
+    params.find("query.norm.weight") = random_matrix<double>(1, a, 2, 0.5).array() + 1.0;
+    params.find("query.norm.bias") = random_matrix<double>(1, a, 3, 0.5);
   }
   if (c.query_norm == peer::QueryNorm::kBatchNorm) {
     params.find("query.norm.running_mean") = random_matrix<double>(1, f, 4, 0.3);
@@ -114,6 +115,9 @@ TEST(Gradients, LayerNormNoNormBiasAndPerHeadKeys) {
   ln.config.query_norm = peer::QueryNorm::kLayerNorm;
   ln.config.query_bias = peer::Bias::kLearned;
   run_gradient_check(ln);
+  Case half{"half layer_norm (one affine map per half-query width)", base()};
+  half.config.query_norm = peer::QueryNorm::kHalfLayerNorm;
+  run_gradient_check(half);
   Case none{"no norm + bias", base()};
   none.config.query_norm = peer::QueryNorm::kNone;
   none.config.query_bias = peer::Bias::kLearned;
@@ -159,6 +163,11 @@ TEST(Gradients, ProductKeyMemoryEveryGatingNormAndKeySharing) {
   ln.config.query_bias = peer::Bias::kLearned;
   ln.config.key_sharing = peer::KeySharing::kPerHead;
   run_gradient_check<Pkm>(ln);
+  Case half{"pkm half layer_norm, per-head keys, relu (product-key-memory's function)", base()};
+  half.config.query_norm = peer::QueryNorm::kHalfLayerNorm;
+  half.config.key_sharing = peer::KeySharing::kPerHead;
+  half.config.gating = peer::Gating::kReLU;
+  run_gradient_check<Pkm>(half);
   // N = 9 values, 4 heads of top 3: value rows get several slots per token.
   run_gradient_check<Pkm>(Case{"pkm shared values across heads", small_config(6, 3, 4, 4, 3, 3)});
 }

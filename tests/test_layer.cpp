@@ -22,6 +22,7 @@ std::vector<Variant> variants() {
     }
   }
   v.push_back({"layer_norm", [](peer::PeerConfig& c) { c.query_norm = peer::QueryNorm::kLayerNorm; }});
+  v.push_back({"half_layer_norm", [](peer::PeerConfig& c) { c.query_norm = peer::QueryNorm::kHalfLayerNorm; }});
   v.push_back({"no_norm+bias", [](peer::PeerConfig& c) {
                  c.query_norm = peer::QueryNorm::kNone;
                  c.query_bias = peer::Bias::kLearned;
@@ -39,8 +40,9 @@ void compare_with_naive(peer::PeerConfig c, const std::string& label, peer::Mode
   auto params = layer.make_parameters(42);
   if (c.query_bias == peer::Bias::kLearned) params.find("query.bias") = random_matrix<S>(1, c.num_heads * c.key_dim, 77);
   if (c.query_norm != peer::QueryNorm::kNone) {
-    params.find("query.norm.weight") = random_matrix<S>(1, c.num_heads * c.key_dim, 78).array() + S(1.5);
-    params.find("query.norm.bias") = random_matrix<S>(1, c.num_heads * c.key_dim, 79, 0.3);
+    const Index a = params.find("query.norm.weight").cols();  // H Dk, or Dk / 2 when shared by half-queries
+    params.find("query.norm.weight") = random_matrix<S>(1, a, 78).array() + S(1.5);
+    params.find("query.norm.bias") = random_matrix<S>(1, a, 79, 0.3);
   }
   if (mode == peer::Mode::kEval) {
     params.find("query.norm.running_mean") = random_matrix<S>(1, c.num_heads * c.key_dim, 80, 0.2);

@@ -6,7 +6,11 @@
 // one head's keys, must fail the comparison.
 #include <peer/io/maps/peer_pytorch.hpp>
 #include <peer/io/maps/peer_pytorch_file.hpp>
+#include <peer/io/maps/pkm_pytorch.hpp>
+#include <peer/layers/product_key_memory.hpp>
+#include <peer/model/raw_views.hpp>
 
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -293,3 +297,116 @@ TEST(PeerPytorchFile, ItsWeightsInASafetensorsFileReproduceItsOutput) {
 }
 
 }  // namespace
+
+TEST(PeerPytorchConfigOf, InvertsThePresetAndRefusesOtherFunctions) {
+  peer::PeerPytorchConfig t;
+  t.dim = 8;
+  t.heads = 2;
+  t.num_experts = 36;
+  t.dim_key = 4;
+  t.num_experts_per_head = 3;
+  for (bool non_competing : {true, false}) {
+    t.non_competing_scores = non_competing;
+    const peer::PeerConfig c = peer::peer_pytorch_config(t);
+    const peer::PeerPytorchConfig back = peer::peer_pytorch_config_of(c);
+    EXPECT_EQ(peer::peer_pytorch_config(back).first_difference(c), "") << non_competing;
+    EXPECT_EQ(back.non_competing_scores, non_competing);
+  }
+  peer::PeerConfig batch_normed = peer::peer_pytorch_config(t);
+  batch_normed.query_norm = peer::QueryNorm::kBatchNorm;
+  try {
+    peer::peer_pytorch_config_of(batch_normed);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("not one PEER-pytorch computes: query_norm: none vs batch_norm"), std::string::npos) << e.what();
+  }
+}
+
+// lucidrains/product-key-memory: the preset and the map. Its function is checked across languages by
+// tests/python/test_pkm_pytorch.py (ctest python.pkm_pytorch); here the pieces.
+TEST(PkmPytorch, PresetMapRoundTripAndRefusals) {
+  peer::PkmPytorchConfig t;
+  t.dim = 8;
+  t.heads = 2;
+  t.num_keys = 5;
+  t.topk = 3;
+  t.dim_head = 4;
+  const peer::PeerConfig c = peer::pkm_pytorch_config(t);
+  EXPECT_EQ(c.num_experts, 25);
+  EXPECT_EQ(c.key_dim, 8);
+  EXPECT_EQ(c.top_k, 3);
+  EXPECT_EQ(c.sub_key_top_k, 3);
+  EXPECT_EQ(c.query_norm, peer::QueryNorm::kHalfLayerNorm);
+  EXPECT_EQ(c.key_sharing, peer::KeySharing::kPerHead);
+  EXPECT_EQ(c.query_bias, peer::Bias::kNone);
+  EXPECT_EQ(c.gating, peer::Gating::kSoftmax);
+  peer::PkmPytorchConfig relu = t;
+  relu.non_competitive_gates = true;
+  EXPECT_EQ(peer::pkm_pytorch_config(relu).gating, peer::Gating::kReLU);
+  EXPECT_EQ(peer::pkm_pytorch_config(relu).top_k, 3);  // ReLU over all K scores, unlike PEER-pytorch's k = 1
+
+  peer::ProductKeyMemory<double> layer(c);
+  EXPECT_EQ(layer.layout().find("query.norm.weight").first >= 0, true);
+  peer::Parameters<double> params = layer.make_parameters(3);
+  EXPECT_EQ(params.find("query.norm.weight").cols(), 4);  // one affine map of dh, shared
+  std::map<std::string, Mat<double>> data;
+  std::map<std::string, peer::ConstMatrixMap<double>> in;
+  unsigned seed = 11;
+  for (const auto& spec : peer::pkm_pytorch_tensors(t)) {
+    data[spec.name] = random_matrix<double>(spec.rows, spec.cols, seed++);
+    const auto& m = data[spec.name];
+    in.emplace(spec.name, peer::rows_view(m.data(), m.rows(), m.cols()));
+  }
+  peer::import_pkm_pytorch(t, in, params);
+  EXPECT_EQ(params.find("values"), data["values.weight"]);
+  EXPECT_EQ(params.find("query.norm.bias"), data["norm.bias"]);
+  // Their row p H dh + h dh + j (p = 1, h = 1, j = 2) is our row h Dk + p dh + j; keys[h, i, p] is row h n + i.
+  EXPECT_EQ(params.find("query.weight").row(1 * 8 + 4 + 2), data["to_queries.weight"].row(1 * 8 + 1 * 4 + 2));
+  EXPECT_EQ(params.find("sub_keys.right").row(1 * 5 + 3), data["keys"].row((1 * 5 + 3) * 2 + 1));
+  std::map<std::string, Mat<double>> back;
+  std::map<std::string, peer::MatrixMap<double>> out;
+  for (const auto& spec : peer::pkm_pytorch_tensors(t)) {
+    auto& m = back[spec.name] = Mat<double>::Constant(spec.rows, spec.cols, -7.0);
+    out.emplace(spec.name, peer::MatrixMap<double>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())));
+  }
+  peer::export_pkm_pytorch(t, params, out);
+  for (const auto& spec : peer::pkm_pytorch_tensors(t)) EXPECT_EQ(back[spec.name], data[spec.name]) << spec.name;
+
+  // A wrong shape is refused, naming the tensor, before anything is written.
+  const std::size_t dense_size = static_cast<std::size_t>(layer.layout().dense_size());
+  const std::vector<double> before(params.dense_data(), params.dense_data() + dense_size);
+  const Mat<double> small = Mat<double>::Zero(1, 3);
+  in.erase("norm.weight");
+  in.emplace("norm.weight", peer::rows_view(small.data(), 1, 3));
+  try {
+    peer::import_pkm_pytorch(t, in, params);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("product-key-memory tensor 'norm.weight' is [1, 3] but must be [1, 4]"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(std::memcmp(params.dense_data(), before.data(), sizeof(double) * dense_size), 0);
+  // A PEER layer's parameters have no "values": refused by name.
+  peer::PeerLayer<double> peer_layer(c);
+  auto wrong = peer_layer.make_parameters(1);
+  in.erase("norm.weight");
+  in.emplace("norm.weight", peer::rows_view(static_cast<const double*>(data["norm.weight"].data()), 1, 4));
+  try {
+    peer::import_pkm_pytorch(t, in, wrong);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("no tensor 'values'"), std::string::npos) << e.what();
+  }
+
+  // What is not mapped is refused, not computed differently.
+  peer::PkmPytorchConfig batch_norm = t;
+  batch_norm.use_layernorm = false;
+  try {
+    peer::pkm_pytorch_config(batch_norm);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("use_layernorm = false is not mapped"), std::string::npos) << e.what();
+  }
+  peer::PkmPytorchConfig wide = t;
+  wide.topk = 6;
+  EXPECT_THROW(peer::pkm_pytorch_config(wide), std::invalid_argument);
+}

@@ -141,20 +141,24 @@ NaiveOutput naive_peer_forward(const peer::PeerConfig& c, peer::Parameters<S>& p
                   static_cast<double>(beta(0, o));
       }
     }
-  } else if (c.query_norm == peer::QueryNorm::kLayerNorm) {
+  } else if (c.query_norm == peer::QueryNorm::kLayerNorm || c.query_norm == peer::QueryNorm::kHalfLayerNorm) {
+    // Groups of a head's Dk values (layer_norm) or of each half's Dk / 2 with one shared affine map
+    // [Dk / 2] (half_layer_norm).
+    const bool per_half = c.query_norm == peer::QueryNorm::kHalfLayerNorm;
+    const Index group = per_half ? dk / 2 : dk;
     const auto gamma = p.find("query.norm.weight");
     const auto beta = p.find("query.norm.bias");
     for (Index t = 0; t < b; ++t) {
-      for (Index h = 0; h < h_count; ++h) {
+      for (Index g = 0; g < h_count * dk / group; ++g) {
         double mean = 0, var = 0;
-        for (Index i = 0; i < dk; ++i) mean += q(t, h * dk + i);
-        mean /= static_cast<double>(dk);
-        for (Index i = 0; i < dk; ++i) var += (q(t, h * dk + i) - mean) * (q(t, h * dk + i) - mean);
-        var /= static_cast<double>(dk);
-        for (Index i = 0; i < dk; ++i) {
-          const Index o = h * dk + i;
-          q(t, o) = (q(t, o) - mean) / std::sqrt(var + c.norm_epsilon) * static_cast<double>(gamma(0, o)) +
-                    static_cast<double>(beta(0, o));
+        for (Index i = 0; i < group; ++i) mean += q(t, g * group + i);
+        mean /= static_cast<double>(group);
+        for (Index i = 0; i < group; ++i) var += (q(t, g * group + i) - mean) * (q(t, g * group + i) - mean);
+        var /= static_cast<double>(group);
+        for (Index i = 0; i < group; ++i) {
+          const Index o = g * group + i, a = per_half ? i : o;
+          q(t, o) = (q(t, o) - mean) / std::sqrt(var + c.norm_epsilon) * static_cast<double>(gamma(0, a)) +
+                    static_cast<double>(beta(0, a));
         }
       }
     }

@@ -2,7 +2,7 @@
 #ifndef PEER_C_API_H
 #define PEER_C_API_H
 
-/* The C interface: a PEER layer for trainers written in C (llm.c and its kind).
+/* The C interface: PEER layers and models of them for trainers written in C (llm.c and its kind).
  *
  * Link the `peer::c` CMake target (a small static library, src/peer_c.cpp, built with the package). One
  * peer_layer holds a PEER layer's configuration, its parameters, gradients, forward cache and AdamW state;
@@ -29,12 +29,18 @@ enum peer_status {
   PEER_ERROR_DOMAIN = 2,           /* non-finite input */
   PEER_ERROR_IO = 3,               /* a file that cannot be read or written, or fails validation */
   PEER_ERROR_OUT_OF_MEMORY = 4,
-  PEER_ERROR_INTERNAL = 5
+  PEER_ERROR_INTERNAL = 5,
+  PEER_ERROR_UNSUPPORTED = 6 /* a capability this build lacks (safetensors without nlohmann-json) */
 };
 
 enum peer_mode { PEER_MODE_TRAIN = 0, PEER_MODE_EVAL = 1 };
 enum peer_gating { PEER_GATING_SOFTMAX = 0, PEER_GATING_RELU = 1, PEER_GATING_SIGMOID = 2 };
-enum peer_query_norm { PEER_QUERY_NORM_BATCH = 0, PEER_QUERY_NORM_LAYER = 1, PEER_QUERY_NORM_NONE = 2 };
+enum peer_query_norm {
+  PEER_QUERY_NORM_BATCH = 0,
+  PEER_QUERY_NORM_LAYER = 1,
+  PEER_QUERY_NORM_NONE = 2,
+  PEER_QUERY_NORM_HALF_LAYER = 3 /* per half-query, one shared affine map (product-key-memory's) */
+};
 enum peer_key_sharing { PEER_KEYS_SHARED = 0, PEER_KEYS_PER_HEAD = 1 };
 
 /* A PEER layer's configuration; peer_config_default() fills the paper's defaults (as peer::PeerConfig). */
@@ -76,6 +82,70 @@ int64_t peer_layer_num_parameters(const peer_layer* layer);
  * save, validated load that changes nothing on failure). */
 int peer_layer_save(const peer_layer* layer, const char* path);
 int peer_layer_load(peer_layer* layer, const char* path);
+
+/* The parameters (and batch-norm statistics) alone in a safetensors file under our names ("query.weight",
+ * "experts", ...: the README's parameter table), for tools outside this library; no optimizer state.
+ * Loading checks every tensor (present, shape) before anything is written. */
+int peer_layer_save_safetensors(const peer_layer* layer, const char* path);
+int peer_layer_load_safetensors(peer_layer* layer, const char* path);
+
+/* lucidrains/PEER-pytorch 0.2.x: the configuration that computes its function (its constructor's
+ * arguments; product_key_topk 0 means num_experts_per_head), and its weights in a safetensors file
+ * (`safetensors.torch.save_file(peer.state_dict(), path)`), in and out, under its names with `prefix`
+ * ("layers.3.ff."; NULL or "" for none). Import and export refuse a layer whose configuration is not one
+ * PEER-pytorch computes. */
+int peer_config_peer_pytorch(peer_config* config, int64_t dim, int64_t heads, int64_t num_experts,
+                             int64_t num_experts_per_head, int64_t dim_key, int non_competing_scores,
+                             int64_t product_key_topk);
+int peer_layer_import_peer_pytorch(peer_layer* layer, const char* path, const char* prefix);
+int peer_layer_export_peer_pytorch(const peer_layer* layer, const char* path, const char* prefix);
+
+/* ---- A model: many PEER layers in one parameter set ------------------------------------------------
+ * Layers are added under name prefixes ("blocks.3.ffn."), optionally sharing the expert table of an
+ * earlier layer (one table, one gradient into which both backwards add, one optimizer state), then the
+ * model is built: one flat dense buffer, one AdamW for everything, one checkpoint. Each layer keeps the
+ * cache of its last forward, so a transformer calls forward layer by layer and backward in reverse.
+ *
+ *   peer_model* m; int l0, l1;
+ *   peer_model_create(&m);
+ *   peer_model_add_layer(m, "blocks.0.ffn.", &config, NULL, &l0);
+ *   peer_model_add_layer(m, "blocks.1.ffn.", &config, "blocks.0.ffn.", &l1);  // shares l0's experts
+ *   peer_model_build(m, seed);
+ *   ... peer_model_forward(m, l0, ...); peer_model_forward(m, l1, ...);
+ *   ... peer_model_backward(m, l1, ...); peer_model_backward(m, l0, ...);
+ *   peer_model_step(m, dense_lr, expert_lr, weight_decay, clip); peer_model_zero_grad(m); */
+typedef struct peer_model peer_model;
+
+int peer_model_create(peer_model** out);
+void peer_model_destroy(peer_model* model);
+/* Before peer_model_build: adds a PEER layer; share_experts_with is NULL or the prefix of an earlier layer
+ * whose expert table this one uses (same N and D). *index is the layer's index (0, 1, ...). */
+int peer_model_add_layer(peer_model* model, const char* prefix, const peer_config* config,
+                         const char* share_experts_with, int* index);
+/* Allocates parameters, gradients and AdamW state; layer i is initialized from seed + i (a shared table by
+ * the layer that owns it). No layer can be added afterwards. */
+int peer_model_build(peer_model* model, uint64_t seed);
+int peer_model_num_layers(const peer_model* model);
+/* Trained scalars of the whole model (a shared table counted once). */
+int64_t peer_model_num_parameters(const peer_model* model);
+/* As peer_layer_forward / peer_layer_backward, for layer `layer` of the built model. */
+int peer_model_forward(peer_model* model, int layer, const float* x, int64_t rows, int64_t x_stride, float* y,
+                       int64_t y_stride, int mode);
+int peer_model_backward(peer_model* model, int layer, const float* dy, int64_t dy_stride, float* dx,
+                        int64_t dx_stride);
+int peer_model_zero_grad(peer_model* model);
+/* One AdamW step of every layer: as peer_layer_step, clip over the whole model's gradient. */
+int peer_model_step(peer_model* model, double dense_lr, double expert_lr, double weight_decay, double clip);
+/* Every layer's configuration, the parameters and the optimizer state in one checkpoint (atomic save;
+ * the load validates everything, the model's layers and shapes included, before it changes anything). */
+int peer_model_save(const peer_model* model, const char* path);
+int peer_model_load(peer_model* model, const char* path);
+/* The parameters under their full names ("blocks.0.ffn.experts") in a safetensors file; as for a layer. */
+int peer_model_save_safetensors(const peer_model* model, const char* path);
+int peer_model_load_safetensors(peer_model* model, const char* path);
+/* PEER-pytorch weights of one layer of a PyTorch model's file (prefix "layers.3.ff."), in and out. */
+int peer_model_import_peer_pytorch(peer_model* model, int layer, const char* path, const char* prefix);
+int peer_model_export_peer_pytorch(const peer_model* model, int layer, const char* path, const char* prefix);
 
 /* The message of the last failing call on this thread ("" if none). */
 const char* peer_last_error(void);

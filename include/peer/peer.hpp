@@ -56,6 +56,8 @@
 // io
 #include "peer/io/checkpoint.hpp"
 #include "peer/io/maps/peer_pytorch.hpp"
+#include "peer/io/maps/pkm_pytorch.hpp"
+#include "peer/io/maps/torch_map.hpp"
 #include "peer/io/training_checkpoint.hpp"
 
 #endif  // PEER_PEER_HPP

@@ -7,19 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int passed = 0, failed = 0;
-
-#define CHECK(cond, ...)                         \
-  do {                                           \
-    if (cond) {                                  \
-      ++passed;                                  \
-    } else {                                     \
-      ++failed;                                  \
-      printf("FAIL line %d: ", __LINE__);        \
-      printf(__VA_ARGS__);                       \
-      printf("\n");                              \
-    }                                            \
-  } while (0)
+#include "check.h"
 
 enum { B = 64, D = 16, STRIDE = 20 }; /* rows live in a wider host buffer: stride 20 floats */
 

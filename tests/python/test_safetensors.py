@@ -13,6 +13,8 @@ try:
 except ImportError:
     sys.exit("numpy is missing: apt-get install python3-numpy (scripts/test installs it)")
 
+from safetensors_np import file_bytes  # noqa: E402 (after the numpy check)
+
 TOOL, WORK = sys.argv[1], sys.argv[2]
 os.makedirs(WORK, exist_ok=True)
 failures = []
@@ -26,21 +28,6 @@ def check(condition, what):
 
 def tool(verb, path):
     return subprocess.run([TOOL, verb, path], capture_output=True, text=True, timeout=60)
-
-
-def file_bytes(tensors, metadata=None, pad=True):
-    """tensors: list of (name, dtype string, shape, raw bytes)."""
-    header, offset, data = {}, 0, b""
-    if metadata:
-        header["__metadata__"] = metadata
-    for name, dtype, shape, raw in tensors:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        data += raw
-    text = json.dumps(header).encode()
-    if pad:
-        text += b" " * ((8 - len(text) % 8) % 8)
-    return struct.pack("<Q", len(text)) + text + data
 
 
 def bf16_bytes(values):

@@ -3,10 +3,13 @@
 #define PEER_NN_LAYER_NORM_HPP
 
 /// \file
-/// Layer normalization within groups of each row (for queries: one group per head, over its Dk values),
-/// with an elementwise affine map over the whole row. Row-local, so it is causal and batch-independent.
+/// Layer normalization within groups of each row (for queries: one group per head, over its Dk values,
+/// or per half-query, over Dk / 2), with an elementwise affine map over the whole row (gamma, beta [F]) or
+/// one affine map of the group's width shared by every group (gamma, beta [group], as PyTorch's
+/// LayerNorm(group) applied to each group). Row-local, so it is causal and batch-independent.
 ///   xhat = (x - mu_g) * s_g,  s_g = 1 / sqrt(var_g + eps),  y = gamma * xhat + beta;
-///   dx = s_g (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)),  dxhat = gamma * dy.
+///   dx = s_g (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)),  dxhat = gamma * dy;
+///   shared affine: dgamma[j] = sum over rows and groups of dy * xhat at column g group + j (same for beta).
 
 #include <cmath>
 #include <string>
@@ -27,7 +30,8 @@ struct LayerNormCache {
   RowMatrix<Scalar> partials;  // scratch
 };
 
-/// Layer norm of F = groups * group_size features, registered as "<prefix>weight" and "<prefix>bias" [1, F].
+/// Layer norm of F = groups * group_size features, registered as "<prefix>weight" and "<prefix>bias" [1, F]
+/// (or [1, group_size] with a shared affine map).
 template <typename Scalar>
 class LayerNorm {
  public:
@@ -35,15 +39,17 @@ class LayerNorm {
   static constexpr Index kRowGrain = 64;
 
   LayerNorm() = default;
-  LayerNorm(Index features, Index group_size, double epsilon)
-      : features_(features), group_(group_size), epsilon_(epsilon) {}
+  LayerNorm(Index features, Index group_size, double epsilon, bool shared_affine = false)
+      : features_(features), group_(group_size), epsilon_(epsilon), shared_(shared_affine) {}
 
   Index features() const { return features_; }
   Index group_size() const { return group_; }
+  /// Width of gamma and beta: F, or group_size when one affine map is shared by the groups.
+  Index affine_size() const { return shared_ ? group_ : features_; }
 
   void register_parameters(ParameterLayout& layout, const std::string& prefix) {
-    weight_ = layout.add_dense(prefix + "weight", 1, features_);
-    bias_ = layout.add_dense(prefix + "bias", 1, features_);
+    weight_ = layout.add_dense(prefix + "weight", 1, affine_size());
+    bias_ = layout.add_dense(prefix + "bias", 1, affine_size());
   }
 
   void initialize(Parameters<Scalar>& params) const {
@@ -70,7 +76,14 @@ class LayerNorm {
           cache.inv_std(r, g) = s;
           cache.xhat.row(r).segment(g * group_, group_) = ((in.array() - mu) * s).matrix();
         }
-        y.row(r) = (cache.xhat.row(r).array() * gamma.array() + beta.array()).matrix();
+        if (!shared_) {
+          y.row(r) = (cache.xhat.row(r).array() * gamma.array() + beta.array()).matrix();
+          continue;
+        }
+        for (Index g = 0; g < groups; ++g) {
+          y.row(r).segment(g * group_, group_) =
+              (cache.xhat.row(r).segment(g * group_, group_).array() * gamma.array() + beta.array()).matrix();
+        }
       }
     });
   }
@@ -86,15 +99,22 @@ class LayerNorm {
         acc[f + j] += dy(r, j) * cache.xhat(r, j);
       }
     });
-    grads.dense(bias_) += sums.leftCols(f);
-    grads.dense(weight_) += sums.rightCols(f);
+    if (!shared_) {
+      grads.dense(bias_) += sums.leftCols(f);
+      grads.dense(weight_) += sums.rightCols(f);
+    } else {
+      for (Index g = 0; g < groups; ++g) {  // in group order: deterministic
+        grads.dense(bias_) += sums.middleCols(g * group_, group_);
+        grads.dense(weight_) += sums.middleCols(f + g * group_, group_);
+      }
+    }
     const auto gamma = params.dense(weight_);
     parallel_for(rows, kRowGrain, [&](Index begin, Index end, int) {
       Vector<Scalar> dxhat(group_);
       for (Index r = begin; r < end; ++r) {
         for (Index g = 0; g < groups; ++g) {
           const Index o = g * group_;
-          dxhat = (dy.row(r).segment(o, group_).array() * gamma.row(0).segment(o, group_).array()).transpose();
+          dxhat = (dy.row(r).segment(o, group_).array() * gamma.row(0).segment(shared_ ? 0 : o, group_).array()).transpose();
           const auto xh = cache.xhat.row(r).segment(o, group_);
           const Scalar mean_d = dxhat.mean();
           const Scalar mean_dx = (dxhat.array() * xh.transpose().array()).mean();
@@ -109,6 +129,7 @@ class LayerNorm {
   Index features_ = 0;
   Index group_ = 1;
   double epsilon_ = 1e-5;
+  bool shared_ = false;
   DenseHandle weight_, bias_;
 };
 

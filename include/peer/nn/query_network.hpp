@@ -43,6 +43,9 @@ enum class QueryNorm {
   kBatchNorm,  ///< batch norm over tokens, per query feature (the paper)
   kLayerNorm,  ///< layer norm of each head's query (row-local: causal, batch-independent)
   kNone,       ///< no normalization
+  /// layer norm of each half-query (the Dk / 2 values scored against one sub-key set) with one affine map
+  /// [Dk / 2] shared by every head and half: lucidrains product-key-memory's LayerNorm(dim_head) (row-local)
+  kHalfLayerNorm,
 };
 
 inline const char* to_string(QueryNorm n) {
@@ -50,16 +53,17 @@ inline const char* to_string(QueryNorm n) {
     case QueryNorm::kBatchNorm: return "batch_norm";
     case QueryNorm::kLayerNorm: return "layer_norm";
     case QueryNorm::kNone: return "none";
+    case QueryNorm::kHalfLayerNorm: return "half_layer_norm";
   }
   return "unknown";
 }
 
-/// Parses "batch_norm", "layer_norm" or "none".
+/// Parses "batch_norm", "layer_norm", "none" or "half_layer_norm".
 inline QueryNorm query_norm_from_string(const std::string& name) {
-  for (QueryNorm n : {QueryNorm::kBatchNorm, QueryNorm::kLayerNorm, QueryNorm::kNone}) {
+  for (QueryNorm n : {QueryNorm::kBatchNorm, QueryNorm::kLayerNorm, QueryNorm::kNone, QueryNorm::kHalfLayerNorm}) {
     if (name == to_string(n)) return n;
   }
-  throw std::invalid_argument("query_norm = \"" + name + "\" must be one of batch_norm, layer_norm, none");
+  throw std::invalid_argument("query_norm = \"" + name + "\" must be one of batch_norm, layer_norm, none, half_layer_norm");
 }
 
 /// Shape and options of the default query network.
@@ -96,7 +100,8 @@ class QueryNetwork {
       : config_(config),
         linear_(config.model_dim, config.num_heads * config.key_dim, config.bias),
         batch_norm_(config.num_heads * config.key_dim, config.momentum, config.epsilon),
-        layer_norm_(config.num_heads * config.key_dim, config.key_dim, config.epsilon) {}
+        layer_norm_(config.num_heads * config.key_dim, config.norm == QueryNorm::kHalfLayerNorm ? config.key_dim / 2 : config.key_dim,
+                    config.epsilon, config.norm == QueryNorm::kHalfLayerNorm) {}
 
   const QueryNetworkConfig& config() const { return config_; }
   Index input_dim() const { return config_.model_dim; }
@@ -105,14 +110,14 @@ class QueryNetwork {
   void register_parameters(ParameterLayout& layout, const std::string& prefix) {
     linear_.register_parameters(layout, prefix);
     if (config_.norm == QueryNorm::kBatchNorm) batch_norm_.register_parameters(layout, prefix + "norm.");
-    if (config_.norm == QueryNorm::kLayerNorm) layer_norm_.register_parameters(layout, prefix + "norm.");
+    if (layer_normed()) layer_norm_.register_parameters(layout, prefix + "norm.");
   }
 
   /// Linear as documented in linear.hpp; norms start as the identity map (gamma = 1, beta = 0).
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
     linear_.initialize(params, seed);
     if (config_.norm == QueryNorm::kBatchNorm) batch_norm_.initialize(params);
-    if (config_.norm == QueryNorm::kLayerNorm) layer_norm_.initialize(params);
+    if (layer_normed()) layer_norm_.initialize(params);
   }
 
   void forward(Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache& cache,
@@ -161,6 +166,8 @@ class QueryNetwork {
       layer_norm_.forward(params, cache.pre, q, cache.layer_norm);
     }
   }
+
+  bool layer_normed() const { return config_.norm == QueryNorm::kLayerNorm || config_.norm == QueryNorm::kHalfLayerNorm; }
 
   QueryNetworkConfig config_;
   Linear<Scalar> linear_;

@@ -38,6 +38,7 @@
 #include "peer/core/gradients.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/types.hpp"
+#include "peer/io/maps/torch_map.hpp"
 #include "peer/layers/peer_config.hpp"
 
 namespace peer {
@@ -88,83 +89,79 @@ inline PeerConfig peer_pytorch_config(const PeerPytorchConfig& t) {
   return c;
 }
 
-/// A PEER-pytorch tensor as a row-major 2-D view: its name and [rows, cols].
-struct PeerPytorchTensor {
-  std::string name;
-  Index rows = 0;
-  Index cols = 0;
+/// The PEER-pytorch configuration whose function our layer configured by `c` computes: the inverse of
+/// peer_pytorch_config(). Throws std::invalid_argument naming the first field where `c` differs from every
+/// configuration PEER-pytorch computes (a batch-normed query, shared keys, another activation, ...).
+inline PeerPytorchConfig peer_pytorch_config_of(const PeerConfig& c) {
+  PeerPytorchConfig t;
+  t.dim = c.model_dim;
+  t.heads = c.num_heads;
+  t.num_experts = c.num_experts;
+  t.dim_key = c.key_dim / 2;
+  t.non_competing_scores = c.gating == Gating::kReLU && c.top_k == 1;
+  t.num_experts_per_head = t.non_competing_scores ? c.sub_key_top_k : c.top_k;
+  t.product_key_topk = c.sub_key_top_k;
+  PeerConfig theirs;
+  try {
+    theirs = peer_pytorch_config(t);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string("this layer is not one PEER-pytorch computes: ") + e.what());
+  }
+  const std::string diff = theirs.first_difference(c);
+  if (!diff.empty()) {
+    throw std::invalid_argument("this layer is not one PEER-pytorch computes: " + diff + " (PEER-pytorch's vs this layer's)");
+  }
+  return t;
+}
+
+/// A PEER-pytorch tensor: its name, its row-major 2-D view [rows, cols] and its shape in PyTorch.
+using PeerPytorchTensor = TorchTensor;
+
+/// The map between PEER-pytorch's tensors and ours (peer/io/maps/torch_map.hpp), for one configuration.
+class PeerPytorchMap {
+ public:
+  explicit PeerPytorchMap(const PeerPytorchConfig& t) : t_(t) { t_.validate(); }
+
+  static const char* package() { return "PEER-pytorch"; }
+
+  /// Its tensors in its state_dict order (`keys` viewed as [H S 2, dk]).
+  std::vector<TorchTensor> tensors() const {
+    const Index h = t_.heads, s = t_.num_sub_keys(), dk = t_.dim_key, d = t_.dim, n = t_.num_experts;
+    return {{"to_queries.0.weight", 2 * h * dk, d, {2 * h * dk, d}},
+            {"keys", h * s * 2, dk, {h, s, 2, dk}},
+            {"weight_down_embed.weight", n, d, {n, d}},
+            {"weight_up_embed.weight", n, d, {n, d}}};
+  }
+
+  template <typename Link>
+  void for_each_row(Link&& link) const {
+    detail::for_each_product_key_row("to_queries.0.weight", t_.heads, t_.dim_key, t_.num_sub_keys(), t_.dim, link);
+    for (Index e = 0; e < t_.num_experts; ++e) {
+      link("weight_down_embed.weight", e, "experts", e, 0, t_.dim);
+      link("weight_up_embed.weight", e, "experts", e, t_.dim, t_.dim);
+    }
+  }
+
+ private:
+  PeerPytorchConfig t_;
 };
 
 /// PEER-pytorch's tensors for `t`, in its state_dict order.
-inline std::vector<PeerPytorchTensor> peer_pytorch_tensors(const PeerPytorchConfig& t) {
-  t.validate();
-  const Index s = t.num_sub_keys();
-  return {{"to_queries.0.weight", 2 * t.heads * t.dim_key, t.dim},
-          {"keys", t.heads * s * 2, t.dim_key},
-          {"weight_down_embed.weight", t.num_experts, t.dim},
-          {"weight_up_embed.weight", t.num_experts, t.dim}};
-}
-
-namespace detail {
-
-/// Calls link(theirs, their_row, ours, our_row, our_col, cols) for every row of every PEER-pytorch
-/// tensor: that row is `cols` scalars of our tensor `ours` at [our_row, our_col ..).
-template <typename Link>
-void for_each_peer_pytorch_row(const PeerPytorchConfig& t, Link&& link) {
-  const Index h_count = t.heads, dk = t.dim_key, s = t.num_sub_keys(), d = t.dim;
-  for (Index p = 0; p < 2; ++p) {
-    for (Index h = 0; h < h_count; ++h) {
-      for (Index j = 0; j < dk; ++j) link("to_queries.0.weight", p * h_count * dk + h * dk + j, "query.weight", h * 2 * dk + p * dk + j, 0, d);
-    }
-  }
-  for (Index h = 0; h < h_count; ++h) {
-    for (Index i = 0; i < s; ++i) {
-      for (Index p = 0; p < 2; ++p) link("keys", (h * s + i) * 2 + p, p == 0 ? "sub_keys.left" : "sub_keys.right", h * s + i, 0, dk);
-    }
-  }
-  for (Index e = 0; e < t.num_experts; ++e) {
-    link("weight_down_embed.weight", e, "experts", e, 0, d);
-    link("weight_up_embed.weight", e, "experts", e, d, d);
-  }
-}
-
-template <typename View>
-const View& peer_pytorch_tensor(const std::map<std::string, View>& tensors, const PeerPytorchConfig& t, const std::string& name) {
-  const auto it = tensors.find(name);
-  if (it == tensors.end()) throw std::invalid_argument("PEER-pytorch tensor '" + name + "' is missing");
-  for (const auto& spec : peer_pytorch_tensors(t)) {
-    if (spec.name == name && (it->second.rows() != spec.rows || it->second.cols() != spec.cols)) {
-      throw std::invalid_argument("PEER-pytorch tensor '" + name + "' is [" + to_text(it->second.rows()) + ", " +
-                                  to_text(it->second.cols()) + "] but must be [" + to_text(spec.rows) + ", " +
-                                  to_text(spec.cols) + "] for this configuration");
-    }
-  }
-  return it->second;
-}
-
-}  // namespace detail
+inline std::vector<PeerPytorchTensor> peer_pytorch_tensors(const PeerPytorchConfig& t) { return PeerPytorchMap(t).tensors(); }
 
 /// Fills `params` (of a layer made from peer_pytorch_config(t)) from PEER-pytorch's four tensors.
 /// Every tensor is checked before anything is written.
 template <typename Scalar>
 void import_peer_pytorch(const PeerPytorchConfig& t, const std::map<std::string, ConstMatrixMap<Scalar>>& tensors,
                          Parameters<Scalar>& params) {
-  for (const auto& spec : peer_pytorch_tensors(t)) detail::peer_pytorch_tensor(tensors, t, spec.name);
-  for (const char* ours : {"query.weight", "sub_keys.left", "sub_keys.right", "experts"}) params.find(ours);  // all present
-  detail::for_each_peer_pytorch_row(t, [&](const char* theirs, Index their_row, const char* ours, Index our_row, Index our_col, Index cols) {
-    params.find(ours).row(our_row).segment(our_col, cols) = tensors.at(theirs).row(their_row);
-  });
+  detail::import_torch(PeerPytorchMap(t), tensors, params);
 }
 
 /// Writes `params` into PEER-pytorch's four tensors (views of the caller's memory, shapes checked).
 template <typename Scalar>
 void export_peer_pytorch(const PeerPytorchConfig& t, const Parameters<Scalar>& params,
                          std::map<std::string, MatrixMap<Scalar>>& tensors) {
-  for (const auto& spec : peer_pytorch_tensors(t)) detail::peer_pytorch_tensor(tensors, t, spec.name);
-  auto& p = const_cast<Parameters<Scalar>&>(params);  // find() is non-const; nothing is written to params
-  detail::for_each_peer_pytorch_row(t, [&](const char* theirs, Index their_row, const char* ours, Index our_row, Index our_col, Index cols) {
-    tensors.at(theirs).row(their_row) = p.find(ours).row(our_row).segment(our_col, cols);
-  });
+  detail::export_torch(PeerPytorchMap(t), params, tensors);
 }
 
 /// Writes `grads` in PEER-pytorch's layout, as its autograd would hold them: dense [N, D] expert
@@ -172,21 +169,7 @@ void export_peer_pytorch(const PeerPytorchConfig& t, const Parameters<Scalar>& p
 template <typename Scalar>
 void export_peer_pytorch_gradients(const PeerPytorchConfig& t, Gradients<Scalar>& grads,
                                    std::map<std::string, MatrixMap<Scalar>>& tensors) {
-  for (const auto& spec : peer_pytorch_tensors(t)) detail::peer_pytorch_tensor(tensors, t, spec.name);
-  const RowSparseGrad<Scalar>& experts = grads.find_table("experts");
-  detail::for_each_peer_pytorch_row(t, [&](const char* theirs, Index their_row, const char* ours, Index our_row, Index our_col, Index cols) {
-    auto out = tensors.at(theirs).row(their_row);
-    if (std::string(ours) != "experts") {
-      out = grads.find_dense(ours).row(our_row).segment(our_col, cols);
-      return;
-    }
-    const Scalar* row = experts.find(static_cast<ExpertId>(our_row));
-    if (row == nullptr) {
-      out.setZero();
-    } else {
-      for (Index c = 0; c < cols; ++c) out(c) = row[our_col + c];
-    }
-  });
+  detail::export_torch_gradients(PeerPytorchMap(t), grads, tensors);
 }
 
 }  // namespace peer

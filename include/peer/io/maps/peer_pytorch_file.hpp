@@ -14,7 +14,7 @@
 
 #include "peer/core/parameters.hpp"
 #include "peer/io/maps/peer_pytorch.hpp"
-#include "peer/io/safetensors.hpp"
+#include "peer/io/maps/torch_map_file.hpp"
 
 namespace peer {
 
@@ -24,16 +24,7 @@ namespace peer {
 template <typename Scalar>
 void import_peer_pytorch(const PeerPytorchConfig& t, const SafetensorsFile& file, Parameters<Scalar>& params,
                          const std::string& prefix = "") {
-  std::map<std::string, RowMatrix<Scalar>> values;
-  std::map<std::string, ConstMatrixMap<Scalar>> views;
-  for (const auto& spec : peer_pytorch_tensors(t)) {
-    if (!file.has(prefix + spec.name)) {
-      throw std::runtime_error("PEER-pytorch tensor " + detail::quote_text(prefix + spec.name) + " is not in the file");
-    }
-    auto& m = values[spec.name] = file.matrix<Scalar>(prefix + spec.name, spec.rows, spec.cols);
-    views.emplace(spec.name, ConstMatrixMap<Scalar>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())));
-  }
-  import_peer_pytorch(t, views, params);
+  detail::import_torch_file(PeerPytorchMap(t), file, params, prefix);
 }
 
 /// Adds our parameters to `writer` as PEER-pytorch's tensors (`<prefix>` + its names, its shapes: `keys`
@@ -41,18 +32,7 @@ void import_peer_pytorch(const PeerPytorchConfig& t, const SafetensorsFile& file
 template <typename Scalar>
 void add_peer_pytorch(SafetensorsWriter& writer, const PeerPytorchConfig& t, const Parameters<Scalar>& params,
                       const std::string& prefix = "", SafetensorsDType stored = safetensors_dtype_of<Scalar>()) {
-  std::map<std::string, RowMatrix<Scalar>> values;
-  std::map<std::string, MatrixMap<Scalar>> views;
-  for (const auto& spec : peer_pytorch_tensors(t)) {
-    auto& m = values[spec.name] = RowMatrix<Scalar>(spec.rows, spec.cols);
-    views.emplace(spec.name, MatrixMap<Scalar>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())));
-  }
-  export_peer_pytorch(t, params, views);
-  for (const auto& spec : peer_pytorch_tensors(t)) {
-    std::vector<std::int64_t> shape{spec.rows, spec.cols};
-    if (spec.name == "keys") shape = {t.heads, t.num_sub_keys(), 2, t.dim_key};
-    writer.add(prefix + spec.name, values[spec.name].data(), shape, stored);
-  }
+  detail::add_torch_file(writer, PeerPytorchMap(t), params, prefix, stored);
 }
 
 }  // namespace peer
