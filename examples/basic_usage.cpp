@@ -1,6 +1,8 @@
-// The README's usage example: a PEER layer on the user's own Eigen matrices.
+// The README's usage example: a PEER layer on the user's own Eigen matrices. Run by ctest
+// (example.basic_usage): it checks what it prints and exits non-zero when that is wrong.
 #include <peer/peer.hpp>
 
+#include <cmath>
 #include <iostream>
 
 int main() {
@@ -20,6 +22,13 @@ int main() {
   layer.backward(params, cache, dy, dx, grads);              // dx += dL/dx, grads += dL/dparams
 
   const auto& experts = grads.find_table("experts");        // row-sparse: only the touched experts
-  std::cout << "touched " << experts.size() << " of " << config.num_experts << " experts; |dW_q| = "
-            << grads.find_dense("query.weight").norm() << "\n";
+  const double dwq = grads.find_dense("query.weight").norm();
+  std::cout << "touched " << experts.size() << " of " << config.num_experts << " experts; |dW_q| = " << dwq << "\n";
+
+  // What the README promises: at most B H k experts touched (here 512 x 8 x 16), a finite, non-zero
+  // query gradient, y and dx finite.
+  const bool ok = experts.size() > 0 && experts.size() <= 512 * 8 * 16 && std::isfinite(dwq) && dwq > 0 &&
+                  y.allFinite() && dx.allFinite() && dx.norm() > 0;
+  if (!ok) std::cerr << "basic_usage: the results are not what the README says\n";
+  return ok ? 0 : 1;
 }

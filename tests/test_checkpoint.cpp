@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +20,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -706,10 +708,12 @@ TEST_F(CheckpointTest, RandomHeaderEditsWithValidChecksumsNeverCrash) {
       ++accepted;
     } catch (const std::runtime_error&) {
       ++rejected;
+    } catch (const std::exception& e) {  // any other type breaks the reader's contract
+      ADD_FAILURE() << "trial " << trial << ": " << typeid(e).name() << ": " << e.what();
     }
   }
   EXPECT_GT(rejected, 1000);
-  EXPECT_EQ(accepted + rejected, 2000);
+  std::printf("random header edits: %d accepted, %d rejected\n", accepted, rejected);
 }
 
 // ---- read() -------------------------------------------------------------------------------------------

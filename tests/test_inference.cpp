@@ -88,12 +88,6 @@ long allocations_during(Body&& body) {
   return g_allocations.load();
 }
 
-template <typename S>
-bool same_bits(const Mat<S>& a, const Mat<S>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(S)) == 0;
-}
-
 /// Trains running statistics away from their initial values, so evaluation differs from training.
 template <typename Layer, typename S>
 void warm_statistics(const Layer& layer, peer::Parameters<S>& params, Index d) {
@@ -324,6 +318,56 @@ TEST(GradientChecker, EveryLayerKindPassesAndAWrongGradientFails) {
   ASSERT_EQ(bad.failures.size(), 1u);
   EXPECT_NE(bad.failures[0].find("v entry 1"), std::string::npos);
   EXPECT_EQ(v[1], -0.2);  // restored
+}
+
+}  // namespace
+
+namespace {
+
+// Training: forward, backward, a global clip and an AdamW step (lazy on the table) allocate nothing once a
+// batch size has been seen (caches, row-sparse gradients and lazy optimizer state keep their memory).
+template <typename Layer>
+void check_training_allocations(const peer::PeerConfig& c) {
+  Layer layer(c);
+  auto params = layer.make_parameters(2);
+  auto grads = layer.make_gradients();
+  typename Layer::Cache cache;
+  peer::Adam<float> adam(layer.layout(), peer::default_param_groups(1e-3), peer::AdamConfig::adamw());
+  const Mat<float> x = random_matrix<float>(300, 16, 3), dy = random_matrix<float>(300, 16, 4);
+  Mat<float> y(300, 16), dx(300, 16);
+  auto step = [&] {
+    layer.forward(params, x, y, cache, peer::Mode::kTrain);
+    grads.zero();
+    dx.setZero();
+    layer.backward(params, cache, dy, dx, grads);
+    peer::clip_gradient_norm(grads, 1.0);
+    adam.step(params, grads);
+  };
+  step();
+  step();
+  EXPECT_EQ(allocations_during([&] { layer.forward(params, x, y, cache, peer::Mode::kTrain); }), 0) << "forward";
+  grads.zero();
+  EXPECT_EQ(allocations_during([&] { layer.backward(params, cache, dy, dx, grads); }), 0) << "backward";
+  EXPECT_EQ(allocations_during([&] { peer::clip_gradient_norm(grads, 1.0); }), 0) << "clip";
+  EXPECT_EQ(allocations_during([&] { adam.step(params, grads); }), 0) << "adam";
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(allocations_during(step), 0) << "a whole step";
+}
+
+TEST(Inference, TrainingStepAllocatesNothingAfterTheFirstAtABatchSize) {
+#if !PEER_TEST_COUNT_ALLOCATIONS
+  GTEST_SKIP() << "allocation counting is off under sanitizers (they interpose malloc); runs in the dev preset";
+#else
+  ThreadScope threads(2);
+  for (peer::QueryNorm norm : {peer::QueryNorm::kBatchNorm, peer::QueryNorm::kLayerNorm, peer::QueryNorm::kNone,
+                               peer::QueryNorm::kHalfLayerNorm}) {
+    SCOPED_TRACE(peer::to_string(norm));
+    auto c = small_config(16, 16, 4, 16, 8, 8);  // N = 256
+    c.query_norm = norm;
+    check_training_allocations<peer::PeerLayer<float>>(c);
+    c.query_bias = peer::Bias::kLearned;
+    check_training_allocations<peer::ProductKeyMemory<float>>(c);
+  }
+#endif
 }
 
 }  // namespace

@@ -433,6 +433,7 @@ struct Outputs {
   Mat<float> y, dx;
   std::vector<float> dense;
   float aux = 0;
+  int team = 0;  // threads the parallel loop really had
 };
 
 Outputs run_with_threads(int threads, peer::MoeRouting routing) {
@@ -455,6 +456,7 @@ Outputs run_with_threads(int threads, peer::MoeRouting routing) {
   layer.backward(params, cache, random_matrix<float>(b, 40, 5), out.dx, grads);
   out.dense.assign(grads.dense_data(), grads.dense_data() + layer.layout().dense_size());
   out.aux = cache.aux_loss;
+  out.team = library_team_size();
   return out;
 }
 
@@ -464,10 +466,13 @@ TEST(MoeContracts, BitwiseIdenticalForOneTwoAndFourThreads) {
     for (int threads : {2, 4}) {
       const Outputs many = run_with_threads(threads, routing);
       const std::string label = std::to_string(threads) + " threads, " + peer::to_string(routing);
-      EXPECT_EQ(one.y, many.y) << label;
-      EXPECT_EQ(one.dx, many.dx) << label;
-      EXPECT_EQ(one.dense, many.dense) << label;
-      EXPECT_EQ(one.aux, many.aux) << label;
+#if defined(_OPENMP)
+      ASSERT_EQ(many.team, threads) << label << ": the parallel loop must really run on that many threads";
+#endif
+      EXPECT_TRUE(same_bits(one.y, many.y)) << label;
+      EXPECT_TRUE(same_bits(one.dx, many.dx)) << label;
+      EXPECT_TRUE(same_bits(one.dense, many.dense)) << label;
+      EXPECT_TRUE(same_bits(one.aux, many.aux)) << label;
     }
   }
 #if !defined(_OPENMP)

@@ -148,8 +148,10 @@ TEST(Optimizers, GroupsGiveEachTensorItsRateAndRejectOrphans) {
   EXPECT_EQ(adam.group_of("bias"), 0);
   EXPECT_EQ(adam.group_of("dense.w"), 1);
   EXPECT_EQ(adam.group_of("table.w"), 1);
-  EXPECT_DOUBLE_EQ(adam.learning_rate(1, 1), 0.05);
-  EXPECT_DOUBLE_EQ(adam.learning_rate(0, 1), 0.05);
+  EXPECT_DOUBLE_EQ(adam.learning_rate(1, 1), 0.05);  // 0.1 x warm-up 1/2
+  EXPECT_DOUBLE_EQ(adam.learning_rate(0, 1), 0.05);  // constant
+  EXPECT_DOUBLE_EQ(adam.learning_rate(1, 2), 0.1);   // past the warm-up the groups differ, so a swap shows
+  EXPECT_DOUBLE_EQ(adam.learning_rate(0, 2), 0.05);
   std::vector<peer::ParamGroup> orphan{{"only", {"dense"}, 0.1, 0, {}}};
   try {
     peer::Adam<double> bad(tw.layout, orphan);

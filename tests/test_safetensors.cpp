@@ -129,6 +129,31 @@ TEST(Safetensors, MappedFilesAreViewedInPlaceAndSavesAreAtomic) {
   EXPECT_THROW(peer::SafetensorsFile::open(path.string()), std::runtime_error);
 }
 
+// Crash safety: SIGKILL at any point of a save leaves a complete file, the old or the new one (4 MB, so
+// that kills land inside the write, the fsyncs and the rename).
+TEST(Safetensors, KilledSavesLeaveTheOldOrTheNewFile) {
+  const fs::path path = fs::temp_directory_path() / ("peer_st_killed_" + std::to_string(::getpid()) + ".safetensors");
+  std::vector<float> values(1 << 20);
+  auto save = [&](int trial) {
+    std::fill(values.begin(), values.end(), static_cast<float>(trial));
+    peer::SafetensorsWriter w;
+    w.add("v", values.data(), {1024, 1024});
+    w.add_metadata("trial", std::to_string(trial));
+    w.save(path.string());
+  };
+  auto check = [&] {
+    const auto file = peer::SafetensorsFile::open(path.string());  // validates the whole structure
+    const Mat<float> v = file.matrix<float>("v", 1024, 1024);
+    EXPECT_TRUE((v.array() == std::stof(file.metadata().at("trial"))).all()) << "a file mixing two saves";
+  };
+  const int killed = kill_during_saves(40, save, check);
+  EXPECT_GT(killed, 5) << "most kills must land before the save finished";
+  for (const auto& e : fs::directory_iterator(fs::temp_directory_path())) {
+    if (e.path().string().rfind(path.string() + ".tmp", 0) == 0) fs::remove(e.path());  // a killed save's temporary
+  }
+  fs::remove(path);
+}
+
 TEST(Safetensors, TruncationAtEveryOffsetIsRejected) {
   const std::string bytes = sample_bytes();
   for (std::size_t n = 0; n < bytes.size(); ++n) {

@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +14,8 @@
 #include <peer/peer.hpp>
 #include <string>
 #include <vector>
+
+#include "test_util.hpp"
 
 namespace {
 
@@ -193,14 +197,26 @@ TEST_F(TrainingCheckpointTest, MismatchedModelsAreRejectedAndLeftUntouched) {
   gelu_tanh.activation = peer::Activation::kGeluTanh;
   TrainingRun<peer::Adam<float>> other_activation(gelu_tanh, 2, make_adam(layer));
   const std::string before = other_activation.snapshot();
-  expect_rejected(other_activation, file, "configuration field 'peer.activation' is gelu in the file but gelu_tanh in the model");
+  expect_rejected(other_activation, file, "configuration field 'peer.activation' is 'gelu' in the file but gelu_tanh in the model");
   EXPECT_EQ(other_activation.snapshot(), before);
+
+  // Text from the file reaches the message escaped: a newline and a terminal escape stay inert.
+  peer::Fields hostile_fields = config.to_fields();
+  for (auto& f : hostile_fields) {
+    if (f.first == "activation") f.second = "gelu\n\x1b[2J";
+  }
+  peer::TrainingCheckpoint hostile;
+  hostile.add_config("peer", hostile_fields);
+  const fs::path hostile_file = dir_ / "hostile.ckpt";
+  hostile.save(hostile_file.string());
+  TrainingRun<peer::Adam<float>> victim(config, 2, make_adam(layer));
+  expect_rejected(victim, hostile_file, "configuration field 'peer.activation' is 'gelu\\x0a\\x1b[2J' in the file but gelu in the model");
 
   auto bigger = config;
   bigger.num_experts = 64;
   peer::PeerLayer<float> big_layer(bigger);
   TrainingRun<peer::Adam<float>> big(bigger, 2, make_adam(big_layer));
-  expect_rejected(big, file, "configuration field 'peer.num_experts' is 36 in the file but 64 in the model");
+  expect_rejected(big, file, "configuration field 'peer.num_experts' is '36' in the file but 64 in the model");
 
   // Another optimizer: its state tensors are not in the file.
   TrainingRun<peer::Sgd<float>> sgd(config, 2, make_sgd(layer));
@@ -300,3 +316,40 @@ TEST_F(TrainingCheckpointTest, EveryTruncationAndByteFlipIsRejectedAndTheModelSt
 }
 
 }  // namespace
+
+// Crash safety: a process SIGKILLed at any point of a save leaves at the path a complete checkpoint, the
+// old one or the new one, that loads (never a partial file). 4 MB of parameters, so that a save takes long
+// enough for the kills to land inside its writes, fsyncs and rename.
+TEST_F(TrainingCheckpointTest, KilledSavesLeaveTheOldOrTheNewCheckpoint) {
+  peer::ParameterLayout layout;
+  layout.add_dense("w", 1024, 1024);
+  peer::Parameters<float> params(layout);
+  std::int64_t step = 0;
+  peer::TrainingCheckpoint ckpt;
+  ckpt.add_parameters("m", params);
+  ckpt.add_counter("step", &step);
+  const std::string file = (dir_ / "killed.ckpt").string();
+  auto save = [&](int trial) {
+    step = trial;
+    std::fill(params.dense_data(), params.dense_data() + layout.dense_size(), static_cast<float>(trial));
+    ckpt.save(file);
+  };
+  int checked = 0;
+  auto check = [&] {
+    peer::Parameters<float> back(layout);
+    std::int64_t back_step = -1;
+    peer::TrainingCheckpoint reader;
+    reader.add_parameters("m", back);
+    reader.add_counter("step", &back_step);
+    ASSERT_NO_THROW(reader.load(file)) << "after a killed save";
+    const float v = back.dense_data()[0];
+    EXPECT_EQ(v, static_cast<float>(back_step));
+    EXPECT_TRUE(std::all_of(back.dense_data(), back.dense_data() + layout.dense_size(), [&](float x) { return x == v; }));
+    ++checked;
+  };
+  const int killed = peer_test::kill_during_saves(40, save, check);
+  EXPECT_GT(killed, 5) << "most kills must land before the save finished";
+  EXPECT_EQ(checked, 42);  // the first save, the unkilled child, then every trial
+  // A killed save may leave its temporary file (path.tmp.<pid>.<n>) behind, never a partial file at the path.
+  std::printf("killed %d of 40 saves; the checkpoint loaded after every one\n", killed);
+}

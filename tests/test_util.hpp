@@ -5,7 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <csignal>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -16,6 +20,9 @@
 
 #include <peer/peer.hpp>
 #include <peer/testing/gradient_check.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -67,12 +74,15 @@ inline peer::PeerConfig small_config(Index d = 8, Index n = 4, Index heads = 2, 
   return c;
 }
 
-/// Sets the thread count for the scope (tests may; the library never does).
+/// Sets the thread count for the scope, with dynamic teams off so a region gets all of them (tests may;
+/// the library never does).
 class ThreadScope {
  public:
   explicit ThreadScope(int threads) {
 #if defined(_OPENMP)
     saved_ = omp_get_max_threads();
+    saved_dynamic_ = omp_get_dynamic();
+    omp_set_dynamic(0);
     omp_set_num_threads(threads);
 #else
     (void)threads;
@@ -81,12 +91,97 @@ class ThreadScope {
   ~ThreadScope() {
 #if defined(_OPENMP)
     omp_set_num_threads(saved_);
+    omp_set_dynamic(saved_dynamic_);
 #endif
   }
 
  private:
   int saved_ = 1;
+  int saved_dynamic_ = 0;
 };
+
+/// The team size the library's parallel loop really gets now (1 without OpenMP): what a determinism test
+/// must check, since OMP_THREAD_LIMIT or a dynamic team would silently run its "4 threads" on one.
+inline int library_team_size() {
+  std::atomic<int> seen{1};
+  peer::parallel_for(64, 1, [&](Index, Index, int) {
+#if defined(_OPENMP)
+    int n = omp_get_num_threads();
+    int cur = seen.load();
+    while (n > cur && !seen.compare_exchange_weak(cur, n)) {
+    }
+#endif
+  });
+  return seen.load();
+}
+
+/// Crash safety of a save: forks `trials` children that each run save(trial) and exit, and SIGKILLs each
+/// after a delay spread over [0, 1.5 x one save's duration), so the kills land before, during and after
+/// the writes, the fsyncs and the rename. After every child, check() must accept what is at the path (a
+/// complete old or new file). save() runs no OpenMP (a forked child must not). Returns how many children
+/// died by the signal, i.e. were killed before they finished.
+template <typename Save, typename Check>
+int kill_during_saves(int trials, Save&& save, Check&& check) {
+  save(0);
+  check();
+  // One child left to finish: how long fork, save and exit take (longer than a save in this process).
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t first = ::fork();
+  if (first == 0) {
+    try {
+      save(0);
+    } catch (...) {
+      ::_exit(2);
+    }
+    ::_exit(0);
+  }
+  int first_status = 0;
+  ::waitpid(first, &first_status, 0);
+  const double once = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_TRUE(WIFEXITED(first_status) && WEXITSTATUS(first_status) == 0) << "an unkilled save failed";
+  check();
+  std::mt19937 gen(2024);
+  std::uniform_real_distribution<double> delay(0.0, 1.5 * once);
+  int killed = 0;
+  for (int trial = 1; trial <= trials; ++trial) {
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      ADD_FAILURE() << "fork failed";
+      return killed;
+    }
+    if (pid == 0) {
+      try {
+        save(trial);
+      } catch (...) {
+        ::_exit(2);
+      }
+      ::_exit(0);
+    }
+    ::usleep(static_cast<useconds_t>(delay(gen) * 1e6));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status)) {
+      ++killed;
+    } else {
+      EXPECT_EQ(WEXITSTATUS(status), 0) << "trial " << trial << ": the save failed";
+    }
+    check();
+  }
+  return killed;
+}
+
+/// Equal bit patterns (memcmp), unlike operator== (-0 == +0, NaN != NaN): what "bitwise" means.
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+template <typename S>
+bool same_bits(const Mat<S>& a, const Mat<S>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(S)) == 0);
+}
+inline bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
 /// The naive PEER layer (or product-key memory, when the table is "values"): plain loops in double over
 /// the parameters read by name, exhaustive retrieval over all N full keys [c_a ; c'_b] with a sort.

@@ -8,8 +8,10 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -565,16 +567,27 @@ TEST_P(Determinism, TrainingIsBitwiseIdenticalForOneAndTwoThreads) {
 #if defined(_OPENMP)
   const lm::Corpus corpus = generated_corpus();
   const lm::LmConfig config = small_config(GetParam());
-  const int saved = omp_get_max_threads();
+  const int saved = omp_get_max_threads(), saved_dynamic = omp_get_dynamic();
+  omp_set_dynamic(0);
   std::vector<std::vector<float>> results;
   for (int threads : {1, 2}) {
     omp_set_num_threads(threads);
+    // The team the library's loop really gets (OMP_THREAD_LIMIT would silently make it 1).
+    std::atomic<int> team{1};
+    peer::parallel_for(64, 1, [&](peer::Index, peer::Index, int) {
+      int n = omp_get_num_threads(), cur = team.load();
+      while (n > cur && !team.compare_exchange_weak(cur, n)) {
+      }
+    });
+    EXPECT_EQ(team.load(), threads) << "the parallel loop must really run on " << threads << " threads";
     lm::Trainer<float> trainer(config, short_options(), corpus);
     for (int s = 0; s < 4; ++s) trainer.train_step();
     results.push_back(all_parameters(trainer));
   }
   omp_set_num_threads(saved);
-  EXPECT_TRUE(results[0] == results[1]);
+  omp_set_dynamic(saved_dynamic);
+  ASSERT_EQ(results[0].size(), results[1].size());
+  EXPECT_EQ(std::memcmp(results[0].data(), results[1].data(), results[0].size() * sizeof(float)), 0) << "bit patterns";
 #else
   GTEST_SKIP() << "built without OpenMP";
 #endif

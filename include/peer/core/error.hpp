@@ -8,7 +8,10 @@
 /// make the output meaningless (NaN, infinity) throw std::domain_error. Hot-loop preconditions use
 /// PEER_ASSERT, which is off under NDEBUG and can be overridden by defining PEER_ASSERT before inclusion.
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <sstream>
 #include <stdexcept>
@@ -53,21 +56,51 @@ inline void check_shape(const std::string& what, Index rows, Index cols, Index e
   }
 }
 
+/// The exponent field of a float or double as unsigned bits: all ones (== kMask) means infinity or NaN.
+template <typename S>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using Bits = std::uint32_t;
+  static constexpr Bits kMask = 0x7F800000u;
+};
+template <>
+struct FloatBits<double> {
+  using Bits = std::uint64_t;
+  static constexpr Bits kMask = 0x7FF0000000000000ull;
+};
+
+template <typename S>
+typename FloatBits<S>::Bits exponent_bits(S x) {
+  typename FloatBits<S>::Bits u;
+  std::memcpy(&u, &x, sizeof u);
+  return u & FloatBits<S>::kMask;
+}
+
+/// Whether x is finite, decided from its bit pattern. std::isfinite(x), x == x and x - x == 0 are all
+/// folded to "finite" under -ffinite-math-only (part of -Ofast, which C trainers use); integer bits are not.
+template <typename S>
+bool is_finite(S x) {
+  return exponent_bits(x) != FloatBits<S>::kMask;
+}
+
 /// Throws std::domain_error naming the first non-finite entry of `m` (row, column and value). `what` is
-/// a C string so that a check that passes allocates nothing (inference promises no allocation).
+/// a C string so that a check that passes allocates nothing (inference promises no allocation). Bit
+/// patterns, so that it holds under -ffinite-math-only.
 template <typename Derived>
 void check_finite(const char* what, const Eigen::DenseBase<Derived>& m) {
-  // Fast path: x - x is 0 for finite x and NaN otherwise, so one vectorizable sum per row decides.
+  using S = typename Derived::Scalar;
+  // Fast path: the largest exponent field of a row reaches the mask only if an entry is inf or NaN.
   bool finite = true;
   for (Index r = 0; r < m.rows() && finite; ++r) {
-    typename Derived::Scalar sum(0);
-    for (Index c = 0; c < m.cols(); ++c) sum += m(r, c) - m(r, c);
-    finite = sum == sum;
+    typename FloatBits<S>::Bits top = 0;
+    for (Index c = 0; c < m.cols(); ++c) top = std::max(top, exponent_bits(m(r, c)));
+    finite = top != FloatBits<S>::kMask;
   }
   if (finite) return;
   for (Index r = 0; r < m.rows(); ++r) {
     for (Index c = 0; c < m.cols(); ++c) {
-      if (!std::isfinite(m(r, c))) {
+      if (!is_finite(m(r, c))) {
         throw std::domain_error(std::string(what) + " has a non-finite value " + to_text(m(r, c)) + " at [" +
                                 to_text(r) + ", " + to_text(c) + "]");
       }

@@ -22,6 +22,14 @@
 
 #include "peer/core/types.hpp"
 
+// The sequential product below calls Eigen 3.4's internal GEMM entry points; with another Eigen only the
+// public product is left, which Eigen threads itself and so rounds differently for different thread
+// counts. Bitwise determinism is a promise of this library, so another Eigen is refused here (and at
+// configure time) unless the user accepts results that may depend on the thread count.
+#if !(EIGEN_VERSION_AT_LEAST(3, 4, 0) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)) && !defined(PEER_ALLOW_UNSUPPORTED_EIGEN)
+#error "peer needs Eigen 3.4.x (3.4.0 to 3.4.89) for its deterministic GEMM; define PEER_ALLOW_UNSUPPORTED_EIGEN to build with another Eigen, whose results may then differ between thread counts"
+#endif
+
 namespace peer {
 namespace detail {
 
@@ -119,7 +127,8 @@ void gemm(const Lhs& a, const Rhs& b, Dst&& c, typename std::decay_t<Dst>::Scala
                                                                           1, c.outerStride(), alpha, blocking,
                                                                           nullptr);
 #else
-  // Other Eigen versions: the public product (deterministic as long as Eigen does not thread it).
+  // Another Eigen, accepted with PEER_ALLOW_UNSUPPORTED_EIGEN: the public product, which Eigen may thread
+  // (outside the library's own parallel loops), so results may depend on the thread count.
   c.noalias() += alpha * a * b;
 #endif
 }

@@ -68,6 +68,8 @@ inline void group_by_key(const std::int32_t* item_key, Index count, std::int64_t
   }
   out.keys.clear();
   out.starts.clear();
+  out.keys.reserve(n);  // the most groups n items can form: a later call never grows them again
+  out.starts.reserve(n + 1);
   for (std::size_t i = 0; i < n; ++i) {
     if (i == 0 || k0[i] != k0[i - 1]) {
       out.keys.push_back(k0[i]);

@@ -66,6 +66,7 @@ struct RowScatterWorkspace {
   std::vector<std::int32_t> keys;  // [B * S] row id of each item
   KeyGroups groups;
   RowMatrix<Scalar> rows;          // summed rows when they must be merged into a non-empty gradient
+  RowMatrix<Scalar> buffers;       // [threads, cols] one row buffer per thread (kept: no allocation per call)
 };
 
 /// For every row r touched by `ids` (values in [0, num_rows)): grad[r] += sum over items i with
@@ -92,18 +93,19 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   // Each row is summed in a buffer that stays in L1, then stored: streamed into the gradient, plainly into
   // the aside rows (which the merge reads at once).
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int) {
-    RowVec buffer(cols);
+  ws.buffers.resize(parallel_threads(), cols);
+  parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int thread) {
+    Scalar* buffer = ws.buffers.row(thread).data();
     for (Index gi = g0; gi < g1; ++gi) {
-      Eigen::Map<RowVec> row(buffer.data(), cols);
+      Eigen::Map<RowVec> row(buffer, cols);
       row.setZero();
       for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
         add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
       }
       if (direct) {
-        store_streaming(out.row(gi).data(), buffer.data(), cols);
+        store_streaming(out.row(gi).data(), buffer, cols);
       } else {
-        out.row(gi) = buffer;
+        out.row(gi) = row;
       }
     }
     streaming_fence();

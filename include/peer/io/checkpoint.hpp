@@ -186,6 +186,11 @@ class CheckpointReader {
   /// clear of the header and of each other, inside the file), that the header's fields fill exactly its
   /// length, and that the file ends where the last tensor ends. Throws std::runtime_error.
   explicit CheckpointReader(const std::string& path);
+  /// Reads from an open descriptor instead (a pipe is not enough: it must support pread and fstat, as a
+  /// regular file or a memfd does), with `name` in the messages. The reader keeps its own duplicate of
+  /// `fd`; the caller may close `fd` at once. For in-memory bytes (fuzzers, network buffers): write them
+  /// to a memfd_create() descriptor.
+  CheckpointReader(int fd, const std::string& name);
   ~CheckpointReader();
   CheckpointReader(CheckpointReader&& other) noexcept;
   CheckpointReader& operator=(CheckpointReader&& other) noexcept;
@@ -217,6 +222,7 @@ class CheckpointReader {
   void read(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols, void* dst) const;
 
  private:
+  void open_descriptor();  // fstat fd_, then parse(); closes fd_ on failure
   void parse();
   std::size_t read_some(void* dst, std::size_t n, std::uint64_t offset) const;
   void read_exact(void* dst, std::size_t n, std::uint64_t offset, const TensorEntry& near) const;

@@ -119,9 +119,11 @@ class TrainingCheckpoint {
   }
 
   /// Validates `path` against every registration, then fills the registered memory (see the file comment).
-  void load(const std::string& path) const {
-    CheckpointReader reader(path);
-    const std::string where = "checkpoint " + path + ": ";
+  void load(const std::string& path) const { load(CheckpointReader(path)); }
+
+  /// The same from an open reader (for example one made from a descriptor: CheckpointReader(fd, name)).
+  void load(const CheckpointReader& reader) const {
+    const std::string where = "checkpoint " + reader.path() + ": ";
     auto fail = [&](const std::string& what) { throw std::runtime_error(where + what); };
     if (!reader.has_metadata("peer.kind") || reader.metadata("peer.kind") != "training") {
       fail("not a training checkpoint (metadata 'peer.kind' is not \"training\")");
@@ -137,13 +139,14 @@ class TrainingCheckpoint {
       }
       const std::string& in_file = reader.metadata(m.key);
       if (m.target == nullptr && in_file != m.expected) {
-        fail("configuration field '" + m.key.substr(7) + "' is " + in_file + " in the file but " + m.expected +
-             " in the model");
+        fail("configuration field '" + m.key.substr(7) + "' is " + detail::quote_text(in_file) + " in the file but " +
+             m.expected + " in the model");
       }
     }
     for (const auto& kv : reader.metadata()) {
       if (kv.first.rfind("config.", 0) == 0 && known.count(kv.first) == 0) {
-        fail("configuration field '" + kv.first.substr(7) + "' (= " + kv.second + ") is not part of the model");
+        fail("configuration field " + detail::quote_text(kv.first.substr(7)) + " (= " + detail::quote_text(kv.second) +
+             ") is not part of the model");
       }
     }
     // Tensors: the same set, each with the registered dtype and shape.
@@ -157,7 +160,7 @@ class TrainingCheckpoint {
       }
     }
     for (const auto& e : reader.tensors()) {
-      if (tensor_names_.count(e.name) == 0) fail("tensor '" + e.name + "' is not part of the model");
+      if (tensor_names_.count(e.name) == 0) fail("tensor " + detail::quote_text(e.name) + " is not part of the model");
     }
     reader.verify_all();
     // Everything is valid: only now touch the caller's memory.

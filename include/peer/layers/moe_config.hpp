@@ -173,10 +173,10 @@ struct MoeConfig {
     if (top_k > num_experts) {
       detail::throw_invalid(p + "top_k", top_k, "must be <= num_experts = " + detail::to_text(num_experts));
     }
-    if (!(capacity_factor > 0.0) || !std::isfinite(capacity_factor)) {
+    if (!(capacity_factor > 0.0) || !detail::is_finite(capacity_factor)) {
       detail::throw_invalid(p + "capacity_factor", capacity_factor, "must be finite and > 0");
     }
-    if (!(load_balance_weight >= 0.0) || !std::isfinite(load_balance_weight)) {
+    if (!(load_balance_weight >= 0.0) || !detail::is_finite(load_balance_weight)) {
       detail::throw_invalid(p + "load_balance_weight", load_balance_weight, "must be finite and >= 0");
     }
   }

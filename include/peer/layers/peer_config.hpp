@@ -104,7 +104,7 @@ struct PeerConfig {
     if (!(batch_norm_momentum >= 0.0 && batch_norm_momentum <= 1.0)) {
       detail::throw_invalid(p + "batch_norm_momentum", batch_norm_momentum, "must be in [0, 1]");
     }
-    if (!(norm_epsilon > 0.0) || !std::isfinite(norm_epsilon)) {
+    if (!(norm_epsilon > 0.0) || !detail::is_finite(norm_epsilon)) {
       detail::throw_invalid(p + "norm_epsilon", norm_epsilon, "must be finite and > 0");
     }
     // The expert table holds N * 2D scalars and the query projection H * Dk * D: keep indices in range.

@@ -35,7 +35,10 @@ struct BatchNormCache {
   RowMask mask;                 // [B] rows counted in the statistics (all when no mask was given)
   Index count = 0;              // M
   Mode mode = Mode::kTrain;
-  RowMatrix<Scalar> partials;   // scratch for deterministic reductions
+  // Scratch, kept so that a step at a batch size seen before allocates nothing: statistics and sums, and
+  // the reductions' partials (one per shape: forward [chunks, F], backward [chunks, 2F]).
+  RowMatrix<Scalar> mean, var, sums, scale;
+  RowMatrix<Scalar> partials, backward_partials;
 };
 
 /// Batch normalization of F features, registered as "<prefix>weight", "<prefix>bias" (dense [1, F]) and
@@ -91,7 +94,8 @@ class BatchNorm {
     }
     cache.count = cache.mask.count();
     {
-      RowMatrix<Scalar> mean(1, f);
+      RowMatrix<Scalar>& mean = cache.mean;
+      mean.resize(1, f);
       const Index m = cache.count;
       if (m < 2) {
         detail::throw_invalid("BatchNorm (training mode) unmasked rows", m,
@@ -103,7 +107,8 @@ class BatchNorm {
         for (Index j = 0; j < f; ++j) acc[j] += x(r, j);
       });
       mean /= static_cast<Scalar>(m);
-      RowMatrix<Scalar> var(1, f);
+      RowMatrix<Scalar>& var = cache.var;
+      var.resize(1, f);
       detail::reduce_rows<Scalar>(rows, f, var.data(), cache.partials, [&](Index r, Scalar* acc) {
         if (!keep[r]) return;
         for (Index j = 0; j < f; ++j) {
@@ -139,8 +144,9 @@ class BatchNorm {
                 Gradients<Scalar>& grads) const {
     const Index rows = dy.rows(), f = features_;
     // sums[0, f) = sum_all dy, sums[f, 2f) = sum_all dy * xhat.
-    RowMatrix<Scalar> sums(1, 2 * f);
-    detail::reduce_rows<Scalar>(rows, 2 * f, sums.data(), cache.partials, [&](Index r, Scalar* acc) {
+    RowMatrix<Scalar>& sums = cache.sums;
+    sums.resize(1, 2 * f);
+    detail::reduce_rows<Scalar>(rows, 2 * f, sums.data(), cache.backward_partials, [&](Index r, Scalar* acc) {
       for (Index j = 0; j < f; ++j) {
         acc[j] += dy(r, j);
         acc[f + j] += dy(r, j) * cache.xhat(r, j);
@@ -151,7 +157,8 @@ class BatchNorm {
     const auto gamma = params.dense(weight_);
     const bool train = cache.mode == Mode::kTrain;
     // With S1 = gamma * sum dy and S2 = gamma * sum dy xhat, the stats term is (s / M) gamma (sum dy + xhat sum dy xhat).
-    RowMatrix<Scalar> scale = (cache.inv_std.array() * gamma.array()).matrix();  // s * gamma
+    RowMatrix<Scalar>& scale = cache.scale;
+    scale = (cache.inv_std.array() * gamma.array()).matrix();  // s * gamma
     const Scalar inv_m = train ? Scalar(1) / static_cast<Scalar>(cache.count) : Scalar(0);
     parallel_for(rows, kRowGrain, [&](Index begin, Index end, int) {
       for (Index r = begin; r < end; ++r) {

@@ -28,6 +28,7 @@ struct LayerNormCache {
   RowMatrix<Scalar> xhat;      // [B, F]
   RowMatrix<Scalar> inv_std;   // [B, F / group]
   RowMatrix<Scalar> partials;  // scratch
+  RowMatrix<Scalar> sums;      // [1, 2F] backward's column sums (kept: no allocation per call)
 };
 
 /// Layer norm of F = groups * group_size features, registered as "<prefix>weight" and "<prefix>bias" [1, F]
@@ -92,7 +93,8 @@ class LayerNorm {
   void backward(const Parameters<Scalar>& params, Cache& cache, const ConstMatrixRef<Scalar>& dy, MatrixRef<Scalar> dx,
                 Gradients<Scalar>& grads) const {
     const Index rows = dy.rows(), f = features_, groups = features_ / group_;
-    RowMatrix<Scalar> sums(1, 2 * f);
+    RowMatrix<Scalar>& sums = cache.sums;
+    sums.resize(1, 2 * f);
     detail::reduce_rows<Scalar>(rows, 2 * f, sums.data(), cache.partials, [&](Index r, Scalar* acc) {
       for (Index j = 0; j < f; ++j) {
         acc[j] += dy(r, j);
@@ -110,16 +112,15 @@ class LayerNorm {
     }
     const auto gamma = params.dense(weight_);
     parallel_for(rows, kRowGrain, [&](Index begin, Index end, int) {
-      Vector<Scalar> dxhat(group_);
       for (Index r = begin; r < end; ++r) {
         for (Index g = 0; g < groups; ++g) {
           const Index o = g * group_;
-          dxhat = (dy.row(r).segment(o, group_).array() * gamma.row(0).segment(shared_ ? 0 : o, group_).array()).transpose();
-          const auto xh = cache.xhat.row(r).segment(o, group_);
+          // dxhat = gamma * dy as an expression (not stored: no allocation).
+          const auto dxhat = dy.row(r).segment(o, group_).array() * gamma.row(0).segment(shared_ ? 0 : o, group_).array();
+          const auto xh = cache.xhat.row(r).segment(o, group_).array();
           const Scalar mean_d = dxhat.mean();
-          const Scalar mean_dx = (dxhat.array() * xh.transpose().array()).mean();
-          dx.row(r).segment(o, group_).array() +=
-              cache.inv_std(r, g) * (dxhat.transpose().array() - mean_d - xh.array() * mean_dx);
+          const Scalar mean_dx = (dxhat * xh).mean();
+          dx.row(r).segment(o, group_).array() += cache.inv_std(r, g) * (dxhat - mean_d - xh * mean_dx);
         }
       }
     });

@@ -32,6 +32,7 @@ class Linear {
 
  public:
   /// Rows per parallel chunk of forward and of the input gradient.
+  static constexpr Index kFeatureGrain = 64;  // dW rows per chunk of backward
   static constexpr Index kRowGrain = 64;
 
   Linear() = default;
@@ -63,8 +64,16 @@ class Linear {
     detail::reserve_gemm<Scalar>({{full, out_, in_}, {last, out_, in_}});
   }
 
+  /// Makes backward on `rows` rows allocation-free on every thread: dx's row chunks and dW's feature chunks.
+  void reserve_backward(Index rows) const {
+    const Index full = std::min(rows, kRowGrain), last = rows % kRowGrain;
+    const Index features = std::min(out_, kFeatureGrain), last_features = out_ % kFeatureGrain;
+    detail::reserve_gemm<Scalar>({{full, in_, out_}, {last, in_, out_}, {features, in_, rows}, {last_features, in_, rows}});
+  }
+
   /// y = x W^T + b. x [B, in], y [B, out] (assigned).
   void forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> y) const {
+    reserve_forward(x.rows());
     const auto w = params.dense(weight_);
     parallel_for(x.rows(), kRowGrain, [&](Index begin, Index end, int) {
       auto rows = y.middleRows(begin, end - begin);
@@ -76,12 +85,14 @@ class Linear {
   /// Scratch for backward, reused across calls.
   struct Scratch {
     RowMatrix<Scalar> dx, dw, partials;
+    Vector<Scalar> total;
   };
 
   /// dx += dy W (skipped when dx has no rows), dW += dy^T x, db += column sums of dy. Each delta is
   /// computed in full first and then added once, so a pre-filled gradient G ends as exactly G + delta.
   void backward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const ConstMatrixRef<Scalar>& dy,
                 MatrixRef<Scalar> dx, Gradients<Scalar>& grads, Scratch& scratch) const {
+    reserve_backward(dy.rows());
     const auto w = params.dense(weight_);
     if (dx.rows() > 0) {
       scratch.dx.resize(dy.rows(), in_);
@@ -93,14 +104,14 @@ class Linear {
     }
     // dW rows are independent: split over output features; each row sums over all tokens in one GEMM.
     scratch.dw.resize(out_, in_);
-    constexpr Index kFeatureGrain = 64;
     parallel_for(out_, kFeatureGrain, [&](Index begin, Index end, int) {
       auto rows = scratch.dw.middleRows(begin, end - begin);
       detail::gemm(dy.middleCols(begin, end - begin).transpose(), x, rows, Scalar(1), detail::GemmUpdate::kAssign);
     });
     grads.dense(weight_) += scratch.dw;
     if (has_bias()) {
-      Vector<Scalar> total(out_);
+      Vector<Scalar>& total = scratch.total;
+      total.resize(out_);
       detail::reduce_rows<Scalar>(dy.rows(), out_, total.data(), scratch.partials, [&](Index r, Scalar* acc) {
         for (Index j = 0; j < out_; ++j) acc[j] += dy(r, j);
       });

@@ -130,7 +130,6 @@ class QueryNetwork {
   /// Mode::kEval's forward on const parameters: the same code, so the same bits. Allocates nothing once
   /// the cache has held a batch of this size.
   void infer(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, MatrixRef<Scalar> q, Cache& cache) const {
-    linear_.reserve_forward(x.rows());
     project(params, x, q, cache, [&](const RowMatrix<Scalar>& pre) { batch_norm_.infer(params, pre, q, cache.batch_norm); });
   }
 

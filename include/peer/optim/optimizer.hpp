@@ -100,10 +100,10 @@ inline GroupAssignment assign_groups(const ParameterLayout& layout, const std::v
   if (groups.empty()) throw std::invalid_argument("optimizer: at least one ParamGroup is needed");
   for (std::size_t g = 0; g < groups.size(); ++g) {
     const std::string where = "ParamGroup '" + groups[g].name + "'";
-    if (!(groups[g].learning_rate >= 0.0) || !std::isfinite(groups[g].learning_rate)) {
+    if (!(groups[g].learning_rate >= 0.0) || !detail::is_finite(groups[g].learning_rate)) {
       throw_invalid(where + ".learning_rate", groups[g].learning_rate, "must be finite and >= 0");
     }
-    if (!(groups[g].weight_decay >= 0.0) || !std::isfinite(groups[g].weight_decay)) {
+    if (!(groups[g].weight_decay >= 0.0) || !detail::is_finite(groups[g].weight_decay)) {
       throw_invalid(where + ".weight_decay", groups[g].weight_decay, "must be finite and >= 0");
     }
     groups[g].schedule.validate(where + ".schedule");

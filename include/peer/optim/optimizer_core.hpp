@@ -37,7 +37,7 @@ class OptimizerCore {
   /// themselves step by step; validated as at construction.
   void set_learning_rate(std::size_t g, double learning_rate) {
     if (g >= groups_.size()) detail::throw_invalid("optimizer group index", g, "must be < " + detail::to_text(groups_.size()));
-    if (!(learning_rate >= 0.0) || !std::isfinite(learning_rate)) {
+    if (!(learning_rate >= 0.0) || !detail::is_finite(learning_rate)) {
       detail::throw_invalid("ParamGroup '" + groups_[g].name + "'.learning_rate", learning_rate, "must be finite and >= 0");
     }
     groups_[g].learning_rate = learning_rate;
@@ -45,7 +45,7 @@ class OptimizerCore {
   /// Sets group g's weight decay; validated as at construction.
   void set_weight_decay(std::size_t g, double weight_decay) {
     if (g >= groups_.size()) detail::throw_invalid("optimizer group index", g, "must be < " + detail::to_text(groups_.size()));
-    if (!(weight_decay >= 0.0) || !std::isfinite(weight_decay)) {
+    if (!(weight_decay >= 0.0) || !detail::is_finite(weight_decay)) {
       detail::throw_invalid("ParamGroup '" + groups_[g].name + "'.weight_decay", weight_decay, "must be finite and >= 0");
     }
     groups_[g].weight_decay = weight_decay;

@@ -499,6 +499,25 @@ inline CheckpointReader::CheckpointReader(const std::string& path) : path_(path)
 #if defined(__unix__) || defined(__APPLE__)
   fd_ = detail::open_file(path, O_RDONLY);
   if (fd_ < 0) detail::throw_errno(where_ + "cannot open", errno);
+  open_descriptor();
+#else
+  throw std::runtime_error(where_ + "reading checkpoints needs a POSIX system");
+#endif
+}
+
+inline CheckpointReader::CheckpointReader(int fd, const std::string& name) : path_(name), where_("checkpoint " + name + ": ") {
+#if defined(__unix__) || defined(__APPLE__)
+  fd_ = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (fd_ < 0) detail::throw_errno(where_ + "cannot duplicate descriptor " + std::to_string(fd), errno);
+  open_descriptor();
+#else
+  (void)fd;
+  throw std::runtime_error(where_ + "reading checkpoints needs a POSIX system");
+#endif
+}
+
+inline void CheckpointReader::open_descriptor() {
+#if defined(__unix__) || defined(__APPLE__)
   struct stat st;
   if (::fstat(fd_, &st) != 0) {
     const int err = errno;
@@ -516,8 +535,6 @@ inline CheckpointReader::CheckpointReader(const std::string& path) : path_(path)
     (void)::close(fd_);  // the destructor does not run for a constructor that throws
     throw;
   }
-#else
-  throw std::runtime_error(where_ + "reading checkpoints needs a POSIX system");
 #endif
 }
 
