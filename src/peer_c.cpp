@@ -410,12 +410,7 @@ int peer_model_build(peer_model* model, uint64_t seed) {
 int peer_model_num_layers(const peer_model* model) { return model == nullptr ? 0 : static_cast<int>(model->layers.size()); }
 
 int64_t peer_model_num_parameters(const peer_model* model) {
-  if (model == nullptr) return 0;
-  const auto& layout = model->model.layout();
-  int64_t n = 0;
-  for (const auto& t : layout.dense()) n += static_cast<int64_t>(t.rows * t.cols);
-  for (const auto& t : layout.tables()) n += static_cast<int64_t>(t.rows * t.cols);
-  return n;
+  return model == nullptr ? 0 : static_cast<int64_t>(model->model.layout().num_parameters());
 }
 
 int peer_model_forward(peer_model* model, int layer, const float* x, int64_t rows, int64_t x_stride, float* y,
