@@ -34,13 +34,14 @@ double dense_bytes(const peer::ParameterLayout& layout) {
 }
 
 template <typename Layer>
-void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, int phase) {
+void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, int phase,
+               const std::vector<peer::ParamGroup>& groups = peer::default_param_groups(1e-3)) {
   auto params = layer.make_parameters(1);
   auto grads = layer.make_gradients();
   // Adam's moments double the memory of a table: only the training step allocates them.
   std::unique_ptr<peer::Adam<float>> adam;
   if (phase == kTrainStep) {
-    adam = std::make_unique<peer::Adam<float>>(layer.layout(), peer::default_param_groups(1e-3), peer::AdamConfig::adamw());
+    adam = std::make_unique<peer::Adam<float>>(layer.layout(), groups, peer::AdamConfig::adamw());
   }
   typename Layer::Cache cache;
   const bench::Mat x = bench::random(b, dim, 3), dy = bench::random(b, dim, 4);
@@ -70,12 +71,29 @@ void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, in
   // Memory: what the model must hold (parameters, buffers and, for the training step, the optimizer's
   // state) against the process's peak resident set. The peak is the process's, so it means something
   // only when the case runs alone: --benchmark_filter=<one case>.
-  double model = static_cast<double>(layer.layout().num_parameters() + layer.layout().buffer_size()) * sizeof(float);
+  // Tables count their stored bytes (2 per entry in bf16); "table_B_per_param" is what a table costs per
+  // entry: storage plus, for the training step, the optimizer's state of it (moments, row steps, master rows).
+  const auto& layout = layer.layout();
+  double table_bytes = 0, table_entries = 0;
+  for (std::size_t t = 0; t < layout.tables().size(); ++t) {
+    table_bytes += static_cast<double>(params.table(peer::TableHandle{static_cast<int>(t)}).bytes());
+    table_entries += static_cast<double>(layout.tables()[t].size());
+  }
+  double model = static_cast<double>(layout.dense_size() + layout.buffer_size()) * sizeof(float) + table_bytes;
+  double table_state = table_bytes;
   if (adam) {
-    for (const auto& t : adam->state_tensors()) model += static_cast<double>(t.rows * t.cols) * sizeof(float);
-    for (const auto& c : adam->state_counters()) model += static_cast<double>(c.size) * sizeof(std::int64_t);
+    for (const auto& t : adam->state_tensors()) {
+      const double bytes = static_cast<double>(t.rows * t.cols) * sizeof(float);
+      model += bytes;
+      if (layout.find(t.name.substr(t.name.find('.', t.name.find('.') + 1) + 1)).second == peer::ParamKind::kRowSparse) table_state += bytes;
+    }
+    for (const auto& c : adam->state_counters()) {
+      model += static_cast<double>(c.size) * sizeof(std::int64_t);
+      if (c.size > 1) table_state += static_cast<double>(c.size) * sizeof(std::int64_t);  // per-row steps
+    }
   }
   state.counters["model_GiB"] = model / (1 << 30);
+  if (table_entries > 0) state.counters["table_B_per_param"] = table_state / table_entries;
   state.counters["peak_GiB"] = bench::peak_resident_bytes() / (1 << 30);
 }
 
@@ -137,6 +155,32 @@ void BM_Layer(benchmark::State& state) {
   }
 }
 
+// Table storage, in one run: the PEER layer at N = 1024^2 with float and bf16 tables (stochastic rounding
+// or master rows in the step). args: D, phase, storage (0 float, 1 bf16 + stochastic rounding, 2 bf16 +
+// master rows), B; 2 threads.
+void BM_Storage(benchmark::State& state) {
+  const long d = state.range(0), b = state.range(3);
+  bench::ThreadScope threads(state, 2);
+  peer::PeerConfig c = peer_config(d, 1024);
+  const long storage = state.range(2);
+  c.expert_storage = storage == 0 ? peer::TableStorage::kNative : peer::TableStorage::kBFloat16;
+  state.SetLabel(storage == 0 ? "float" : storage == 1 ? "bf16_stochastic" : "bf16_master_rows");
+  peer::PeerLayer<float> layer(c);
+  auto groups = peer::default_param_groups(1e-3);
+  for (auto& g : groups) g.bf16_rounding = storage == 2 ? peer::Bf16Rounding::kMasterRows : peer::Bf16Rounding::kStochastic;
+  run_layer(state, layer, d, b, static_cast<int>(state.range(1)), groups);
+}
+
+void storage_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"D", "phase", "storage", "B"});
+  for (long d : {256, 512}) {
+    for (long storage : {0, 1, 2}) {
+      if (storage != 2) b->Args({d, kForward, storage, 2048});
+      b->Args({d, kTrainStep, storage, d == 256 ? 2048 : 256});
+    }
+  }
+}
+
 void layer_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"kind", "D", "phase", "threads", "B"});
   for (long kind : {kPeer, kPkm, kDenseWidth, kDenseFlops, kMoeFlops}) {
@@ -152,4 +196,5 @@ void layer_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_Peer)->ArgsProduct({{256, 512}, {128, 256, 512, 1024}, {0, 1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Layer)->Apply(layer_args)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Storage)->Apply(storage_args)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_MAIN();

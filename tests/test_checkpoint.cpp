@@ -611,7 +611,7 @@ TEST_F(CheckpointTest, RejectsCraftedHeadersThatBreakARule) {
     return r;
   };
   rejects(raw([](RawFile& r) { r.tensors[1].dtype = 0; }), "tensor 'b' has unknown dtype 0");
-  rejects(raw([](RawFile& r) { r.tensors[1].dtype = 6; }), "tensor 'b' has unknown dtype 6");
+  rejects(raw([](RawFile& r) { r.tensors[1].dtype = 7; }), "tensor 'b' has unknown dtype 7");  // 6 is bfloat16
   rejects(raw([](RawFile& r) { r.tensors[0].rows = -1; }), "tensor 'a' rows = -1 must be >= 0");
   rejects(raw([](RawFile& r) { r.tensors[0].cols = -2; }), "tensor 'a' cols = -2 must be >= 0");
   rejects(raw([](RawFile& r) { r.tensors[0].rows = r.tensors[0].cols = std::int64_t{1} << 31; }),

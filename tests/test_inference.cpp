@@ -367,6 +367,11 @@ TEST(Inference, TrainingStepAllocatesNothingAfterTheFirstAtABatchSize) {
     c.query_bias = peer::Bias::kLearned;
     check_training_allocations<peer::ProductKeyMemory<float>>(c);
   }
+  // Tables in bfloat16 (the row write-back's scratch is made at the first step, then reused).
+  auto c = small_config(16, 16, 4, 16, 8, 8);
+  c.expert_storage = peer::TableStorage::kBFloat16;
+  check_training_allocations<peer::PeerLayer<float>>(c);
+  check_training_allocations<peer::ProductKeyMemory<float>>(c);
 #endif
 }
 

@@ -56,7 +56,8 @@ std::vector<unsigned char> storage_bytes(const peer::Parameters<S>& p) {
   add(p.buffer_data(), p.layout().buffer_size());
   for (std::size_t t = 0; t < p.layout().tables().size(); ++t) {
     const auto& table = p.table(peer::TableHandle{static_cast<int>(t)});
-    add(table.data(), table.rows() * table.cols());
+    const auto* c = static_cast<const unsigned char*>(table.storage_data());
+    out.insert(out.end(), c, c + table.bytes());
   }
   return out;
 }

@@ -51,6 +51,8 @@ struct TensorSpec {
   Index cols = 0;
   ParamKind kind = ParamKind::kDense;
   Index offset = 0;
+  /// Tables only: how the entries are stored (dense tensors and buffers are always the layer's Scalar).
+  TableStorage storage = TableStorage::kNative;
   Index size() const { return rows * cols; }
 };
 
@@ -66,9 +68,11 @@ class ParameterLayout {
   BufferHandle add_buffer(const std::string& name, Index rows, Index cols) {
     return BufferHandle{add(buffers_, buffer_size_, name, rows, cols, ParamKind::kBuffer)};
   }
-  TableHandle add_table(const std::string& name, Index rows, Index cols) {
+  TableHandle add_table(const std::string& name, Index rows, Index cols, TableStorage storage = TableStorage::kNative) {
     Index unused = 0;
-    return TableHandle{add(tables_, unused, name, rows, cols, ParamKind::kRowSparse)};
+    const int index = add(tables_, unused, name, rows, cols, ParamKind::kRowSparse);
+    tables_.back().storage = storage;
+    return TableHandle{index};
   }
 
   const std::vector<TensorSpec>& dense() const { return dense_; }
@@ -141,7 +145,7 @@ class ParameterLayout {
     if (a.size() != b.size()) return false;
     for (std::size_t i = 0; i < a.size(); ++i) {
       if (a[i].name != b[i].name || a[i].rows != b[i].rows || a[i].cols != b[i].cols ||
-          a[i].kind != b[i].kind || a[i].offset != b[i].offset) {
+          a[i].kind != b[i].kind || a[i].offset != b[i].offset || a[i].storage != b[i].storage) {
         return false;
       }
     }

@@ -25,12 +25,22 @@ class Parameters {
                 "peer: Scalar must be float or double");
 
  public:
+  /// One table's memory: rows * cols of the layer's Scalar, or of bfloat16 for a table stored so.
+  struct TableMemory {
+    TableMemory(Scalar* p = nullptr) : native(p) {}  // NOLINT: implicit, so {ptr, ...} lists keep working
+    TableMemory(bfloat16* p) : bf16(p) {}            // NOLINT
+    TableMemory(std::nullptr_t) {}                   // NOLINT
+    Scalar* native = nullptr;
+    bfloat16* bf16 = nullptr;
+  };
+
   /// Memory provided by the user: `dense` holds layout.dense_size() scalars, `buffers` holds
-  /// layout.buffer_size(), and tables[t] holds rows * cols of table t. The user keeps it alive.
+  /// layout.buffer_size(), and tables[t] holds rows * cols of table t, as Scalar or, for a table stored
+  /// as bfloat16, as bfloat16. The user keeps it alive.
   struct ExternalMemory {
     Scalar* dense = nullptr;
     Scalar* buffers = nullptr;
-    std::vector<Scalar*> tables;
+    std::vector<TableMemory> tables;
   };
 
   Parameters() = default;
@@ -40,7 +50,7 @@ class Parameters {
       : layout_(layout), owned_dense_(layout.dense_size()), owned_buffers_(layout.buffer_size()) {
     dense_ = owned_dense_.data();
     buffers_ = owned_buffers_.data();
-    for (const auto& spec : layout.tables()) tables_.emplace_back(spec.rows, spec.cols);
+    for (const auto& spec : layout.tables()) tables_.emplace_back(spec.rows, spec.cols, spec.storage);
   }
 
   /// Views of user memory; nothing is copied or filled.
@@ -60,7 +70,15 @@ class Parameters {
     buffers_ = memory.buffers;
     for (std::size_t t = 0; t < memory.tables.size(); ++t) {
       const auto& spec = layout.tables()[t];
-      tables_.push_back(RowTable<Scalar>::view(memory.tables[t], spec.rows, spec.cols));
+      const TableMemory& m = memory.tables[t];
+      const bool bf16 = spec.storage == TableStorage::kBFloat16;
+      if ((bf16 && m.native != nullptr) || (!bf16 && m.bf16 != nullptr)) {
+        throw std::invalid_argument("Parameters: ExternalMemory.tables[" + detail::to_text(t) + "] for table '" + spec.name +
+                                    "' is " + (bf16 ? "Scalar" : "bfloat16") + " memory, but the table is stored as " +
+                                    to_string(spec.storage));
+      }
+      tables_.push_back(bf16 ? RowTable<Scalar>::view(m.bf16, spec.rows, spec.cols)
+                             : RowTable<Scalar>::view(m.native, spec.rows, spec.cols));
     }
   }
 

@@ -12,7 +12,12 @@
 #include <cstdint>
 #include <string>
 
+#include <vector>
+
 #include <Eigen/Core>
+
+#include "peer/core/parallel.hpp"
+#include "peer/core/row_table.hpp"
 
 namespace peer {
 
@@ -103,6 +108,28 @@ inline std::uint64_t stream_of(const std::string& name) {
   return h;
 }
 
+namespace detail {
+
+/// Row r of `table` = std_dev * N(0, 1) from the stream of (seed, name) at counters r * cols ...: the same
+/// values whatever the thread count; a bf16 table gets them rounded to nearest.
+template <typename Scalar>
+void fill_table_normal(RowTable<Scalar>& table, std::uint64_t seed, const std::string& name, double std_dev) {
+  const CounterRng rng(seed, stream_of(name));
+  const Index cols = table.cols();
+  parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
+    std::vector<Scalar> row(table.is_bf16() ? static_cast<std::size_t>(cols) : 0);
+    for (Index r = r0; r < r1; ++r) {
+      if (table.is_bf16()) {
+        fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, row.data());
+        table.write_row(r, row.data());
+      } else {
+        fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, table.row(r));
+      }
+    }
+  });
+}
+
+}  // namespace detail
 }  // namespace peer
 
 #endif  // PEER_CORE_RANDOM_HPP

@@ -4,13 +4,18 @@
 
 /// \file
 /// Storage of a large row-addressed parameter table (the expert table [N, 2D], a product-key memory's
-/// values). Kernels only ask a table for a pointer to row i, so other storage (bf16 rows, a memory-mapped
-/// file larger than RAM, a pool that grows) can arrive behind this class without touching the kernels.
+/// values), in the layer's Scalar or in bfloat16 (TableStorage). Kernels go through the row primitives
+/// (dot, axpy, read_row, write_row) and never fork on the storage; other storage (a memory-mapped file
+/// larger than RAM, a pool that grows) can arrive behind the same primitives.
 
+#include <algorithm>
+#include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "peer/core/aligned_buffer.hpp"
+#include "peer/core/bfloat16.hpp"
 #include "peer/core/types.hpp"
 
 namespace peer {
@@ -42,14 +47,31 @@ inline void prefetch_bytes(const void* p, Index bytes) {
 
 }  // namespace detail
 
-/// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory.
+/// A [rows, cols] row-major table, either owned (huge-page backed when large) or a view of user memory,
+/// stored as Scalar or as bfloat16.
+///
+/// Row primitives (every kernel reads and writes rows through these, whatever the storage):
+///   dot(i, begin, x, n)     = sum_j row_i[begin + j] x[j]
+///   axpy(i, begin, a, y, n):  y[j] += a row_i[begin + j]
+///   read_row(i, out):         out = row i, widened to Scalar
+///   write_row(i, in):         row i = in, rounded to nearest for bf16
+/// For native storage dot and axpy are Eigen's, exactly what the kernels computed before bf16 existed.
 template <typename Scalar>
 class RowTable {
  public:
   RowTable() = default;
 
   /// Owned storage, zero-filled.
-  RowTable(Index rows, Index cols) : owned_(rows * cols), data_(owned_.data()), rows_(rows), cols_(cols) {}
+  RowTable(Index rows, Index cols, TableStorage storage = TableStorage::kNative)
+      : storage_(storage), rows_(rows), cols_(cols) {
+    if (storage == TableStorage::kBFloat16) {
+      owned_bf16_ = AlignedBuffer<bfloat16>(rows * cols);
+      bf16_ = owned_bf16_.data();
+    } else {
+      owned_ = AlignedBuffer<Scalar>(rows * cols);
+      data_ = owned_.data();
+    }
+  }
 
   /// A view of `rows * cols` scalars the caller owns and keeps alive (row-major, contiguous rows).
   static RowTable view(Scalar* data, Index rows, Index cols) {
@@ -60,30 +82,102 @@ class RowTable {
     t.cols_ = cols;
     return t;
   }
+  /// A view of `rows * cols` bf16 values the caller owns and keeps alive.
+  static RowTable view(bfloat16* data, Index rows, Index cols) {
+    if (data == nullptr && rows * cols > 0) throw std::invalid_argument("RowTable::view: data is null");
+    RowTable t;
+    t.storage_ = TableStorage::kBFloat16;
+    t.bf16_ = data;
+    t.rows_ = rows;
+    t.cols_ = cols;
+    return t;
+  }
 
   RowTable(RowTable&&) noexcept = default;
   RowTable& operator=(RowTable&&) noexcept = default;
 
   Index rows() const { return rows_; }
   Index cols() const { return cols_; }
-  bool owns_memory() const { return owned_.data() != nullptr; }
+  TableStorage storage() const { return storage_; }
+  bool is_bf16() const { return storage_ == TableStorage::kBFloat16; }
+  bool owns_memory() const { return owned_.data() != nullptr || owned_bf16_.data() != nullptr; }
+  /// Bytes of one stored row, and of the whole table.
+  Index row_bytes() const { return cols_ * static_cast<Index>(is_bf16() ? sizeof(bfloat16) : sizeof(Scalar)); }
+  Index bytes() const { return rows_ * row_bytes(); }
 
-  Scalar* row(Index i) { return data_ + i * cols_; }
-  const Scalar* row(Index i) const { return data_ + i * cols_; }
-  Scalar* data() { return data_; }
-  const Scalar* data() const { return data_; }
+  /// Row i of a native table (throws std::logic_error for a bf16 table: use the row primitives or bf16_row).
+  Scalar* row(Index i) { return native("row") + i * cols_; }
+  const Scalar* row(Index i) const { return native("row") + i * cols_; }
+  Scalar* data() { return native("data"); }
+  const Scalar* data() const { return native("data"); }
+  /// Row i of a bf16 table (throws std::logic_error for a native one).
+  bfloat16* bf16_row(Index i) { return bf16("bf16_row") + i * cols_; }
+  const bfloat16* bf16_row(Index i) const { return bf16("bf16_row") + i * cols_; }
+  bfloat16* bf16_data() { return bf16("bf16_data"); }
+  const bfloat16* bf16_data() const { return bf16("bf16_data"); }
+
+  /// Where the entries live, whatever the storage (an identity for views).
+  const void* storage_data() const { return is_bf16() ? static_cast<const void*>(bf16_) : static_cast<const void*>(data_); }
+
+  /// sum_{j < n} row_i[begin + j] x[j], in Scalar.
+  Scalar dot(Index i, Index begin, const Scalar* x, Index n) const {
+    if (is_bf16()) return detail::dot_bf16(bf16_ + i * cols_ + begin, x, n);
+    return RowMap(data_ + i * cols_ + begin, n).dot(RowMap(x, n));
+  }
+  /// y[j] += a row_i[begin + j] for j < n.
+  void axpy(Index i, Index begin, Scalar a, Scalar* y, Index n) const {
+    if (is_bf16()) {
+      detail::axpy_bf16(a, bf16_ + i * cols_ + begin, y, n);
+    } else {
+      Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(y, n) += a * RowMap(data_ + i * cols_ + begin, n);
+    }
+  }
+  /// out[0, cols) = row i in Scalar (exact: bf16 widens without rounding).
+  void read_row(Index i, Scalar* out) const {
+    if (is_bf16()) {
+      detail::widen_row(bf16_ + i * cols_, out, cols_);
+    } else {
+      std::copy(data_ + i * cols_, data_ + (i + 1) * cols_, out);
+    }
+  }
+  /// Row i = in[0, cols), rounded to the nearest bf16 (ties to even) for a bf16 table.
+  void write_row(Index i, const Scalar* in) {
+    if (is_bf16()) {
+      detail::narrow_row_nearest(in, bf16_ + i * cols_, cols_);
+    } else {
+      std::copy(in, in + cols_, data_ + i * cols_);
+    }
+  }
 
   /// Asks the CPU to start loading row i (every cache line of it); see PEER_PREFETCH_ROWS.
-  void prefetch(Index i) const { detail::prefetch_bytes(row(i), cols_ * static_cast<Index>(sizeof(Scalar))); }
+  void prefetch(Index i) const {
+    const void* p = is_bf16() ? static_cast<const void*>(bf16_ + i * cols_) : static_cast<const void*>(data_ + i * cols_);
+    detail::prefetch_bytes(p, row_bytes());
+  }
 
-  MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(data_, rows_, cols_, Eigen::OuterStride<>(cols_)); }
+  /// The whole table as a matrix (native tables only).
+  MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(native("matrix"), rows_, cols_, Eigen::OuterStride<>(cols_)); }
   ConstMatrixMap<Scalar> matrix() const {
-    return ConstMatrixMap<Scalar>(data_, rows_, cols_, Eigen::OuterStride<>(cols_));
+    return ConstMatrixMap<Scalar>(native("matrix"), rows_, cols_, Eigen::OuterStride<>(cols_));
   }
 
  private:
+  using RowMap = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>;
+
+  Scalar* native(const char* what) const {
+    if (is_bf16()) throw std::logic_error(std::string("RowTable::") + what + ": the table is stored as bfloat16; use the row primitives (dot, axpy, read_row, write_row) or bf16_row");
+    return data_;
+  }
+  bfloat16* bf16(const char* what) const {
+    if (!is_bf16()) throw std::logic_error(std::string("RowTable::") + what + ": the table is stored as the layer's Scalar, not bfloat16");
+    return bf16_;
+  }
+
   AlignedBuffer<Scalar> owned_;
+  AlignedBuffer<bfloat16> owned_bf16_;
+  TableStorage storage_ = TableStorage::kNative;
   Scalar* data_ = nullptr;
+  bfloat16* bf16_ = nullptr;
   Index rows_ = 0;
   Index cols_ = 0;
 };

@@ -57,6 +57,15 @@ using RowMask = Eigen::Array<bool, Eigen::Dynamic, 1>;
 /// Training uses batch statistics (and updates running ones); evaluation uses the running statistics.
 enum class Mode { kTrain, kEval };
 
+/// How a table's entries are stored. Computation is always in the layer's Scalar.
+enum class TableStorage : std::uint8_t {
+  kNative = 0,    ///< the layer's Scalar (float or double)
+  kBFloat16 = 1,  ///< bfloat16: half the bytes of float (peer/core/bfloat16.hpp); Scalar float or double
+};
+
+/// "native" or "bfloat16".
+inline const char* to_string(TableStorage s) { return s == TableStorage::kBFloat16 ? "bfloat16" : "native"; }
+
 namespace detail {
 
 /// The library computes in float or double only.

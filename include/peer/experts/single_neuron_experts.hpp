@@ -40,6 +40,8 @@ struct ExpertPoolConfig {
   Index num_experts = 1024 * 1024;  ///< N
   Index model_dim = 256;            ///< D
   Activation activation = Activation::kGelu;
+  /// How the table is stored: the layer's Scalar, or bfloat16 (half the bytes; computed in Scalar).
+  TableStorage storage = TableStorage::kNative;
 };
 
 /// N single-neuron experts sharing one [N, 2D] table; a stage of its own: it takes ids and gates from any
@@ -78,20 +80,14 @@ class SingleNeuronExperts {
   TableHandle table_handle() const { return table_; }
 
   void register_parameters(ParameterLayout& layout, const std::string& name) {
-    table_ = layout.add_table(name, config_.num_experts, 2 * config_.model_dim);
+    table_ = layout.add_table(name, config_.num_experts, 2 * config_.model_dim, config_.storage);
   }
 
-  /// u_i, v_i ~ N(0, 1/D), independently per entry (docs/design.md gives the reasons).
+  /// u_i, v_i ~ N(0, 1/D), independently per entry (docs/design.md gives the reasons); a bf16 table
+  /// holds the same draws rounded to nearest.
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
-    auto& table = params.table(table_);
-    const CounterRng rng(seed, stream_of(params.layout().spec(table_).name));
-    const double std_dev = 1.0 / std::sqrt(static_cast<double>(config_.model_dim));
-    const Index cols = table.cols();
-    parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
-      for (Index r = r0; r < r1; ++r) {
-        fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, table.row(r));
-      }
-    });
+    detail::fill_table_normal(params.table(table_), seed, params.layout().spec(table_).name,
+                              1.0 / std::sqrt(static_cast<double>(config_.model_dim)));
   }
 
   /// y_t = sum_s gates[t, s] sigma(u_{ids[t, s]} . x_t) v_{ids[t, s]}.
@@ -108,19 +104,17 @@ class SingleNeuronExperts {
     detail::check_ids(ids, num_experts());
     const auto& table = params.table(table_);
     const Activation act = config_.activation;
-    using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     parallel_for(b_count, kTokenGrain, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
-        auto yt = y.row(t);
-        yt.setZero();
-        const auto xt = x.row(t);
+        y.row(t).setZero();
+        Scalar* yt = y.row(t).data();
+        const Scalar* xt = x.row(t).data();
         for (Index s = 0; s < slots; ++s) {
           if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
-          const Scalar* row = table.row(ids(t, s));
-          const Eigen::Map<const RowVec> u(row, d), v(row + d, d);
-          const Scalar zs = u.dot(xt);
+          const Index id = ids(t, s);
+          const Scalar zs = table.dot(id, 0, xt, d);  // u . x
           z(t, s) = zs;
-          yt += (gates(t, s) * activate(act, zs)) * v;
+          table.axpy(id, d, gates(t, s) * activate(act, zs), yt, d);  // y += g sigma(z) v
         }
       }
     });
@@ -146,21 +140,19 @@ class SingleNeuronExperts {
     const Index items = b_count * slots;
     ws.coef_u.resize(static_cast<std::size_t>(items));
     ws.coef_v.resize(static_cast<std::size_t>(items));
-    using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     const bool want_dx = dx.rows() > 0;
     parallel_for(b_count, kTokenGrain, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
-        const auto dyt = dy.row(t);
+        const Scalar* dyt = dy.row(t).data();
         for (Index s = 0; s < slots; ++s) {
           if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
-          const Scalar* row = table.row(ids(t, s));
-          const Eigen::Map<const RowVec> u(row, d), v(row + d, d);
-          const Scalar dh = v.dot(dyt);
+          const Index id = ids(t, s);
+          const Scalar dh = table.dot(id, d, dyt, d);  // v . dy
           const Scalar zs = z(t, s), g = gates(t, s);
           const Scalar h = activate(act, zs);
           const Scalar dz = g * activate_derivative(act, zs) * dh;
           dgates(t, s) = h * dh;
-          if (want_dx) dx.row(t) += dz * u;
+          if (want_dx) table.axpy(id, 0, dz, dx.row(t).data(), d);  // dx += dz u
           ws.coef_u[static_cast<std::size_t>(t * slots + s)] = dz;
           ws.coef_v[static_cast<std::size_t>(t * slots + s)] = g * h;
         }

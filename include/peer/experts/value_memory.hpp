@@ -65,18 +65,13 @@ class ValueMemory {
   static double backward_flops_per_slot(Index model_dim) { return 4.0 * static_cast<double>(model_dim); }
 
   void register_parameters(ParameterLayout& layout, const std::string& name) {
-    table_ = layout.add_table(name, config_.num_experts, config_.model_dim);
+    table_ = layout.add_table(name, config_.num_experts, config_.model_dim, config_.storage);
   }
 
   /// v_i ~ N(0, 1/D) per entry, as Lample et al.'s implementation.
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
-    auto& table = params.table(table_);
-    const CounterRng rng(seed, stream_of(params.layout().spec(table_).name));
-    const double std_dev = 1.0 / std::sqrt(static_cast<double>(config_.model_dim));
-    const Index cols = table.cols();
-    parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
-      for (Index r = r0; r < r1; ++r) fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, table.row(r));
-    });
+    detail::fill_table_normal(params.table(table_), seed, params.layout().spec(table_).name,
+                              1.0 / std::sqrt(static_cast<double>(config_.model_dim)));
   }
 
   /// y_t = sum_s gates[t, s] v_{ids[t, s]}. x [B, D] is not read (kept for the shared interface); ids,
@@ -89,14 +84,13 @@ class ValueMemory {
     detail::check_shape("y", y.rows(), y.cols(), b_count, d);
     detail::check_ids(ids, num_experts());
     const auto& table = params.table(table_);
-    using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     parallel_for(b_count, kTokenGrain, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
-        auto yt = y.row(t);
-        yt.setZero();
+        y.row(t).setZero();
+        Scalar* yt = y.row(t).data();
         for (Index s = 0; s < slots; ++s) {
           if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
-          yt += gates(t, s) * Eigen::Map<const RowVec>(table.row(ids(t, s)), d);
+          table.axpy(ids(t, s), 0, gates(t, s), yt, d);
         }
       }
     });
@@ -116,12 +110,11 @@ class ValueMemory {
     detail::check_ids(ids, num_experts());
     const auto& table = params.table(table_);
     ws.coef.resize(static_cast<std::size_t>(b_count * slots));
-    using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
     parallel_for(b_count, kTokenGrain, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
         for (Index s = 0; s < slots; ++s) {
           if (kPrefetchSlots > 0 && s + kPrefetchSlots < slots) table.prefetch(ids(t, s + kPrefetchSlots));
-          dgates(t, s) = Eigen::Map<const RowVec>(table.row(ids(t, s)), d).dot(dy.row(t));
+          dgates(t, s) = table.dot(ids(t, s), 0, dy.row(t).data(), d);
           ws.coef[static_cast<std::size_t>(t * slots + s)] = gates(t, s);
         }
       }

@@ -61,10 +61,12 @@
 #include <utility>
 #include <vector>
 
+#include "peer/core/bfloat16.hpp"
+
 namespace peer {
 
 /// Element type of a stored tensor. The values are the on-disk codes.
-enum class DType : std::uint8_t { kFloat32 = 1, kFloat64 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5 };
+enum class DType : std::uint8_t { kFloat32 = 1, kFloat64 = 2, kInt32 = 3, kInt64 = 4, kUInt8 = 5, kBFloat16 = 6 };
 
 /// Bytes per element, or 0 for a code that is not a DType.
 inline std::size_t dtype_size(DType dtype) {
@@ -79,11 +81,13 @@ inline std::size_t dtype_size(DType dtype) {
       return 8;
     case DType::kUInt8:
       return 1;
+    case DType::kBFloat16:
+      return 2;
   }
   return 0;
 }
 
-/// "float32", "float64", "int32", "int64", "uint8", or "unknown dtype <code>".
+/// "float32", "float64", "int32", "int64", "uint8", "bfloat16", or "unknown dtype <code>".
 inline std::string dtype_name(DType dtype) {
   switch (dtype) {
     case DType::kFloat32:
@@ -96,6 +100,8 @@ inline std::string dtype_name(DType dtype) {
       return "int64";
     case DType::kUInt8:
       return "uint8";
+    case DType::kBFloat16:
+      return "bfloat16";
   }
   return "unknown dtype " + std::to_string(static_cast<unsigned>(dtype));
 }
@@ -105,12 +111,13 @@ template <typename T>
 constexpr DType dtype_of() {
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value ||
                     std::is_same<T, std::int32_t>::value || std::is_same<T, std::int64_t>::value ||
-                    std::is_same<T, std::uint8_t>::value,
-                "peer::dtype_of: T must be float, double, std::int32_t, std::int64_t or std::uint8_t");
+                    std::is_same<T, std::uint8_t>::value || std::is_same<T, Eigen::bfloat16>::value,
+                "peer::dtype_of: T must be float, double, std::int32_t, std::int64_t, std::uint8_t or Eigen::bfloat16");
   if (std::is_same<T, float>::value) return DType::kFloat32;
   if (std::is_same<T, double>::value) return DType::kFloat64;
   if (std::is_same<T, std::int32_t>::value) return DType::kInt32;
   if (std::is_same<T, std::int64_t>::value) return DType::kInt64;
+  if (std::is_same<T, Eigen::bfloat16>::value) return DType::kBFloat16;
   return DType::kUInt8;
 }
 

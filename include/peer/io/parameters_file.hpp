@@ -23,27 +23,38 @@ void for_each_tensor(Parameters<Scalar>& params, Visit&& visit) {
   const ParameterLayout& layout = params.layout();
   for (const auto& s : layout.dense()) visit(s, params.dense_data() + s.offset);
   for (const auto& s : layout.buffers()) visit(s, params.buffer_data() + s.offset);
-  for (std::size_t t = 0; t < layout.tables().size(); ++t) visit(layout.tables()[t], params.table(TableHandle{static_cast<int>(t)}).data());
+  for (std::size_t t = 0; t < layout.tables().size(); ++t) {
+    auto& table = params.table(TableHandle{static_cast<int>(t)});
+    if (table.is_bf16()) {
+      visit(layout.tables()[t], table.bf16_data());
+    } else {
+      visit(layout.tables()[t], table.data());
+    }
+  }
 }
 
 }  // namespace detail
 
-/// Adds every tensor of `params` to `writer` as "<prefix><name>" [rows, cols], stored as `stored`.
+/// Adds every tensor of `params` to `writer` as "<prefix><name>" [rows, cols], stored as `stored`; tables
+/// stored as bfloat16 are written as BF16, their exact values, whatever `stored` says.
 template <typename Scalar>
 void add_parameters(SafetensorsWriter& writer, const Parameters<Scalar>& params, const std::string& prefix = "",
                     SafetensorsDType stored = safetensors_dtype_of<Scalar>()) {
-  detail::for_each_tensor(const_cast<Parameters<Scalar>&>(params), [&](const TensorSpec& s, const Scalar* data) {
-    writer.add(prefix + s.name, data, {static_cast<std::int64_t>(s.rows), static_cast<std::int64_t>(s.cols)}, stored);
+  detail::for_each_tensor(const_cast<Parameters<Scalar>&>(params), [&](const TensorSpec& s, const auto* data) {
+    const bool bf16 = s.kind == ParamKind::kRowSparse && s.storage == TableStorage::kBFloat16;
+    writer.add(prefix + s.name, data, {static_cast<std::int64_t>(s.rows), static_cast<std::int64_t>(s.cols)},
+               bf16 ? SafetensorsDType::kBF16 : stored);
   });
 }
 
-/// Fills every tensor of `params` from "<prefix><name>" of `file`, converted to Scalar. Checked first,
+/// Fills every tensor of `params` from "<prefix><name>" of `file`, converted to Scalar (to bfloat16, rounded
+/// to nearest, for a table stored so). Checked first,
 /// so that a failure changes nothing: every tensor present with its [rows, cols] shape, and no tensor of
 /// the file under `prefix` that `params` does not have (std::runtime_error naming it).
 template <typename Scalar>
 void load_parameters(const SafetensorsFile& file, Parameters<Scalar>& params, const std::string& prefix = "") {
   const ParameterLayout& layout = params.layout();
-  detail::for_each_tensor(params, [&](const TensorSpec& s, Scalar*) {
+  detail::for_each_tensor(params, [&](const TensorSpec& s, auto*) {
     const std::string name = prefix + s.name;
     if (!file.has(name)) throw std::runtime_error("load_parameters: tensor " + detail::quote_text(name) + " is not in the file");
     (void)file.matrix_shape(name, s.rows, s.cols);  // throws, naming it, unless it is [rows, cols]
@@ -58,7 +69,7 @@ void load_parameters(const SafetensorsFile& file, Parameters<Scalar>& params, co
       throw std::runtime_error("load_parameters: the file's tensor " + detail::quote_text(t.name) + " is not a parameter here");
     }
   }
-  detail::for_each_tensor(params, [&](const TensorSpec& s, Scalar* data) {
+  detail::for_each_tensor(params, [&](const TensorSpec& s, auto* data) {
     file.read(prefix + s.name, data, static_cast<std::size_t>(s.size()));
   });
 }

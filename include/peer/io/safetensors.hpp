@@ -79,8 +79,9 @@ inline std::size_t element_size(SafetensorsDType d) {
 template <typename T>
 constexpr SafetensorsDType safetensors_dtype_of() {
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value || std::is_same<T, std::int32_t>::value ||
-                    std::is_same<T, std::int64_t>::value,
-                "peer: safetensors tensors are float, double, int32 or int64 in memory");
+                    std::is_same<T, std::int64_t>::value || std::is_same<T, Eigen::bfloat16>::value,
+                "peer: safetensors tensors are float, double, bfloat16, int32 or int64 in memory");
+  if constexpr (std::is_same<T, Eigen::bfloat16>::value) return SafetensorsDType::kBF16;
   if constexpr (std::is_same<T, float>::value) return SafetensorsDType::kF32;
   if constexpr (std::is_same<T, double>::value) return SafetensorsDType::kF64;
   if constexpr (std::is_same<T, std::int32_t>::value) return SafetensorsDType::kI32;
@@ -252,7 +253,7 @@ class SafetensorsFile {
   /// is an error); anything else is refused.
   template <typename T>
   void read(const std::string& name, T* out, std::size_t count) const {
-    constexpr bool kFloat = std::is_floating_point<T>::value;
+    constexpr bool kFloat = std::is_floating_point<T>::value || std::is_same<T, Eigen::bfloat16>::value;
     (void)safetensors_dtype_of<T>();
     const SafetensorsTensor& t = tensor(name);
     if (static_cast<std::int64_t>(count) != t.numel) {
@@ -450,7 +451,7 @@ class SafetensorsWriter {
     for (const auto& t : tensors_) {
       if (t.name == name) throw std::invalid_argument("SafetensorsWriter::add: tensor " + detail::quote_text(name) + " is added twice");
     }
-    if (std::is_floating_point<T>::value != detail::is_float_dtype(stored)) {
+    if ((std::is_floating_point<T>::value || std::is_same<T, Eigen::bfloat16>::value) != detail::is_float_dtype(stored)) {
       throw std::invalid_argument(std::string("SafetensorsWriter::add(") + detail::quote_text(name) + "): " +
                                   to_string(safetensors_dtype_of<T>()) + " data cannot be stored as " + to_string(stored));
     }

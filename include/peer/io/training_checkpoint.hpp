@@ -66,7 +66,11 @@ class TrainingCheckpoint {
     for (std::size_t t = 0; t < layout.tables().size(); ++t) {
       const auto& s = layout.tables()[t];
       auto& table = params.table(TableHandle{static_cast<int>(t)});
-      add_tensor(join(prefix, s.name), table.data(), s.rows, s.cols);
+      if (table.is_bf16()) {
+        add_tensor(join(prefix, s.name), table.bf16_data(), s.rows, s.cols);
+      } else {
+        add_tensor(join(prefix, s.name), table.data(), s.rows, s.cols);
+      }
     }
   }
 
@@ -78,7 +82,8 @@ class TrainingCheckpoint {
     for (const auto& c : optimizer.state_counters()) add_tensor(join(prefix, c.name), c.data, c.size, Index{1});
   }
 
-  /// A caller's tensor: rows * cols contiguous row-major elements of float, double, int32, int64 or uint8.
+  /// A caller's tensor: rows * cols contiguous row-major elements of float, double, int32, int64, uint8 or
+  /// bfloat16.
   template <typename T>
   void add_tensor(const std::string& name, T* data, Index rows, Index cols) {
     if (rows < 0 || cols < 0) {

@@ -39,6 +39,9 @@ struct PeerConfig {
   KeySharing key_sharing = KeySharing::kShared;
   double batch_norm_momentum = 0.1;   ///< running <- (1 - m) running + m batch
   double norm_epsilon = 1e-5;         ///< added to variances in query normalization
+  /// How the expert (or value) table is stored: the layer's Scalar, or bfloat16 (half the bytes of float,
+  /// computed in Scalar; optimizers round updated rows, see peer/optim/table_rounding.hpp).
+  TableStorage expert_storage = TableStorage::kNative;
 
   /// n = sqrt(N), the number of sub-keys per half (valid after validate()).
   Index num_sub_keys() const { return static_cast<Index>(std::llround(std::sqrt(static_cast<double>(num_experts)))); }
@@ -54,9 +57,10 @@ struct PeerConfig {
 
   /// The configuration as (key, value) text pairs, e.g. for a checkpoint's metadata. Doubles are written
   /// with 17 significant digits, so they read back exactly.
+  /// "expert_storage" is listed only when it is not native, so files from before it existed still match.
   Fields to_fields() const {
     const auto num = detail::exact_text;
-    return {{"model_dim", std::to_string(model_dim)},
+    Fields f{{"model_dim", std::to_string(model_dim)},
             {"num_experts", std::to_string(num_experts)},
             {"num_heads", std::to_string(num_heads)},
             {"key_dim", std::to_string(key_dim)},
@@ -69,6 +73,8 @@ struct PeerConfig {
             {"key_sharing", to_string(key_sharing)},
             {"batch_norm_momentum", num(batch_norm_momentum)},
             {"norm_epsilon", num(norm_epsilon)}};
+    if (expert_storage != TableStorage::kNative) f.push_back({"expert_storage", to_string(expert_storage)});
+    return f;
   }
 
   /// The first field whose value differs from `other`'s, as "field: this vs other", or "" if none.

@@ -115,7 +115,7 @@ class ProductKeyLayer : public detail::LayerLayout<ProductKeyLayer<Scalar, Memor
       : config_(checked(config)),
         query_(std::move(query_network)),
         retrieval_(product_key_config(config)),
-        experts_(ExpertPoolConfig{config.num_experts, config.model_dim, config.activation}) {
+        experts_(ExpertPoolConfig{config.num_experts, config.model_dim, config.activation, config.expert_storage}) {
     if (query_.input_dim() != config_.model_dim) {
       detail::throw_invalid("query network input_dim()", query_.input_dim(),
                             "must equal PeerConfig.model_dim = " + detail::to_text(config_.model_dim));

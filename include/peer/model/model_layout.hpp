@@ -110,6 +110,10 @@ class ModelLayout {
                                     detail::to_text(t.rows) + ", " + detail::to_text(t.cols) + "] but the shared model table '" +
                                     m.name + "' is [" + detail::to_text(m.rows) + ", " + detail::to_text(m.cols) + "]");
       }
+      if (m.storage != t.storage) {
+        throw std::invalid_argument("ModelLayout::add_layer('" + prefix + "'): table '" + t.name + "' is stored as " +
+                                    to_string(t.storage) + " but the shared model table '" + m.name + "' as " + to_string(m.storage));
+      }
       table_ids.push_back(found.first);
     }
     for (const auto& s : layer.dense()) check_free(prefix + s.name);
@@ -133,7 +137,7 @@ class ModelLayout {
     for (std::size_t t = 0; t < layer.tables().size(); ++t) {
       if (table_ids[t] >= 0) continue;
       const auto& s = layer.tables()[t];
-      table_ids[t] = layout_.add_table(prefix + s.name, s.rows, s.cols).index;
+      table_ids[t] = layout_.add_table(prefix + s.name, s.rows, s.cols, s.storage).index;
     }
     slot.tables = std::move(table_ids);
     slots_.push_back(std::move(slot));
@@ -191,7 +195,14 @@ Parameters<Scalar> layer_parameters(Parameters<Scalar>& params, const ModelLayou
   typename Parameters<Scalar>::ExternalMemory memory;
   memory.dense = params.dense_data() + s.dense_offset;
   memory.buffers = params.buffer_data() + s.buffer_offset;
-  for (int t : s.tables) memory.tables.push_back(params.table(TableHandle{t}).data());
+  for (int t : s.tables) {
+    auto& table = params.table(TableHandle{t});
+    if (table.is_bf16()) {
+      memory.tables.emplace_back(table.bf16_data());
+    } else {
+      memory.tables.emplace_back(table.data());
+    }
+  }
   return Parameters<Scalar>(s.layout, memory);
 }
 
@@ -248,7 +259,7 @@ class LayerViews {
   // Where a views' storage lives: the flat buffers and every table (views hold nothing else).
   static std::vector<const void*> storage_of(const Parameters<Scalar>& p) {
     std::vector<const void*> key{p.dense_data(), p.buffer_data()};
-    for (std::size_t t = 0; t < p.layout().tables().size(); ++t) key.push_back(p.table(TableHandle{static_cast<int>(t)}).data());
+    for (std::size_t t = 0; t < p.layout().tables().size(); ++t) key.push_back(p.table(TableHandle{static_cast<int>(t)}).storage_data());
     return key;
   }
   static std::vector<const void*> storage_of(const Gradients<Scalar>& g) {

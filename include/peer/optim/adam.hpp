@@ -81,19 +81,14 @@ class Adam : public detail::OptimizerCore<Scalar> {
       parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(c, p, g, m, v, b, e); });
     }
     for (std::size_t tb = 0; tb < layout.tables().size(); ++tb) {
-      const TableHandle h{static_cast<int>(tb)};
-      const auto& grad = grads.table(h);
-      auto& table = params.table(h);
-      const Index cols = table.cols();
+      const auto& grad = grads.table(TableHandle{static_cast<int>(tb)});
+      const Index cols = layout.tables()[tb].cols;
       const Scalar lr = this->lr_table(tb), wd = this->wd_table(tb);
       std::int64_t* steps = row_steps_[tb].data();
-      parallel_for(grad.size(), 64, [&](Index r0, Index r1, int) {
-        for (Index r = r0; r < r1; ++r) {
-          const Index row = grad.ids()[static_cast<std::size_t>(r)];
-          const Coefficients c = coefficients(lr, wd, ++steps[row]);
-          update(c, table.row(row), grad.values().row(r).data(), m_tables_[tb].data() + row * cols,
-                 v_tables_[tb].data() + row * cols, 0, cols);
-        }
+      this->update_table_rows(params, grads, tb, [&](Scalar* p, Index r) {
+        const Index row = grad.ids()[static_cast<std::size_t>(r)];
+        const Coefficients c = coefficients(lr, wd, ++steps[row]);
+        update(c, p, grad.values().row(r).data(), m_tables_[tb].data() + row * cols, v_tables_[tb].data() + row * cols, 0, cols);
       });
     }
   }
@@ -112,6 +107,8 @@ class Adam : public detail::OptimizerCore<Scalar> {
       out.push_back({"adam.m." + s.name, s.rows, s.cols, m_tables_[t].data()});
       out.push_back({"adam.v." + s.name, s.rows, s.cols, v_tables_[t].data()});
     }
+    std::vector<StateCounter> unused;
+    this->add_table_state(out, unused);
     return out;
   }
   std::vector<StateCounter> state_counters() {
@@ -120,6 +117,8 @@ class Adam : public detail::OptimizerCore<Scalar> {
       out.push_back({"adam.row_steps." + this->layout().tables()[t].name, static_cast<Index>(row_steps_[t].size()),
                      row_steps_[t].data()});
     }
+    std::vector<StateTensor<Scalar>> unused;
+    this->add_table_state(unused, out);
     return out;
   }
 

@@ -18,6 +18,7 @@
 #include "peer/core/parameter_layout.hpp"
 #include "peer/core/types.hpp"
 #include "peer/optim/schedule.hpp"
+#include "peer/optim/table_rounding.hpp"
 
 namespace peer {
 
@@ -39,6 +40,10 @@ struct ParamGroup {
   double weight_decay = 0.0;
   LrSchedule schedule;
   GroupKinds kinds = GroupKinds::kAll;
+  /// Tables stored as bfloat16: how updated rows are written back (peer/optim/table_rounding.hpp), and
+  /// the seed of the stochastic rounding's random stream.
+  Bf16Rounding bf16_rounding = Bf16Rounding::kStochastic;
+  std::uint64_t rounding_seed = 0;
 };
 
 /// The usual split for memory layers (PKM, Memory Layers at Scale): every row-sparse table (PEER's

@@ -23,7 +23,12 @@ template <typename Scalar>
 class OptimizerCore {
  public:
   OptimizerCore(const ParameterLayout& layout, std::vector<ParamGroup> groups)
-      : layout_(layout), groups_(std::move(groups)), assignment_(assign_groups(layout_, groups_)) {}
+      : layout_(layout), groups_(std::move(groups)), assignment_(assign_groups(layout_, groups_)) {
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      const auto& group = groups_[static_cast<std::size_t>(assignment_.tables[t])];
+      writers_.emplace_back(layout_.tables()[t], group.bf16_rounding, group.rounding_seed);
+    }
+  }
 
   const ParameterLayout& layout() const { return layout_; }
   const std::vector<ParamGroup>& groups() const { return groups_; }
@@ -74,10 +79,29 @@ class OptimizerCore {
   Scalar wd_table(std::size_t t) const { return static_cast<Scalar>(groups_[static_cast<std::size_t>(assignment_.tables[t])].weight_decay); }
   StateCounter step_counter() { return {"optimizer.step", 1, &step_}; }
 
+  /// Calls update(p, r) for every row r of table t's gradient, p being that row in Scalar (a master row,
+  /// a widened copy of a bf16 row, or the row itself), and writes bf16 rows back as the table's group
+  /// asks (peer/optim/table_rounding.hpp). Rows are updated in parallel.
+  template <typename Update>
+  void update_table_rows(Parameters<Scalar>& params, const Gradients<Scalar>& grads, std::size_t t, Update&& update) {
+    const TableHandle h{static_cast<int>(t)};
+    writers_[t].for_each_row(params.table(h), grads.table(h), step_, update);
+  }
+  /// The master rows of bf16 tables trained with kMasterRows, and whether they are filled: optimizer state.
+  void add_table_state(std::vector<StateTensor<Scalar>>& tensors, std::vector<StateCounter>& counters) {
+    for (std::size_t t = 0; t < writers_.size(); ++t) {
+      if (!writers_[t].has_master()) continue;
+      const auto& s = layout_.tables()[t];
+      tensors.push_back({"bf16.master." + s.name, s.rows, s.cols, writers_[t].master()});
+      counters.push_back({"bf16.master_ready." + s.name, 1, writers_[t].master_ready()});
+    }
+  }
+
  private:
   ParameterLayout layout_;
   std::vector<ParamGroup> groups_;
   GroupAssignment assignment_;
+  std::vector<TableRowWriter<Scalar>> writers_;
   std::int64_t step_ = 0;
 };
 

@@ -49,32 +49,36 @@ class Sgd : public detail::OptimizerCore<Scalar> {
       parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(p, g, buf, b, e, lr, wd, mu); });
     }
     for (std::size_t t = 0; t < layout.tables().size(); ++t) {
-      const TableHandle h{static_cast<int>(t)};
-      const auto& grad = grads.table(h);
-      auto& table = params.table(h);
-      const Index cols = table.cols();
+      const auto& grad = grads.table(TableHandle{static_cast<int>(t)});
+      const Index cols = layout.tables()[t].cols;
       const Scalar lr = this->lr_table(t), wd = this->wd_table(t);
-      parallel_for(grad.size(), 64, [&](Index r0, Index r1, int) {
-        for (Index r = r0; r < r1; ++r) {
-          const Index row = grad.ids()[static_cast<std::size_t>(r)];
-          Scalar* buf = mu > 0 ? table_buf_[t].data() + row * cols : nullptr;
-          update(table.row(row), grad.values().row(r).data(), buf, 0, cols, lr, wd, mu);
-        }
+      this->update_table_rows(params, grads, t, [&](Scalar* p, Index r) {
+        const Index row = grad.ids()[static_cast<std::size_t>(r)];
+        Scalar* buf = mu > 0 ? table_buf_[t].data() + row * cols : nullptr;
+        update(p, grad.values().row(r).data(), buf, 0, cols, lr, wd, mu);
       });
     }
   }
 
   std::vector<StateTensor<Scalar>> state_tensors() {
     std::vector<StateTensor<Scalar>> out;
-    if (momentum_ == 0.0) return out;
-    for (const auto& s : this->layout().dense()) out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, dense_buf_.data() + s.offset});
-    for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
-      const auto& s = this->layout().tables()[t];
-      out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data()});
+    if (momentum_ > 0.0) {
+      for (const auto& s : this->layout().dense()) out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, dense_buf_.data() + s.offset});
+      for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
+        const auto& s = this->layout().tables()[t];
+        out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data()});
+      }
     }
+    std::vector<StateCounter> unused;
+    this->add_table_state(out, unused);
     return out;
   }
-  std::vector<StateCounter> state_counters() { return {this->step_counter()}; }
+  std::vector<StateCounter> state_counters() {
+    std::vector<StateCounter> out{this->step_counter()};
+    std::vector<StateTensor<Scalar>> unused;
+    this->add_table_state(unused, out);
+    return out;
+  }
 
  private:
   static void update(Scalar* p, const Scalar* g, Scalar* buf, Index b, Index e, Scalar lr, Scalar wd, Scalar mu) {

@@ -1,0 +1,514 @@
+// bfloat16 tables. This file is compiled three times: with the project's flags (the portable paths, plus
+// the layer, optimizer and checkpoint tests), with -mavx2 -mfma and with -mavx512f (the conversion and row
+// kernels only, PEER_TEST_BF16_KERNELS_ONLY): every vector path must equal the scalar definitions bit for
+// bit (conversions) or to float rounding (dot, axpy). Vector builds skip on a CPU without the instructions.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include <peer/core/bfloat16.hpp>
+
+#if !defined(PEER_TEST_BF16_KERNELS_ONLY)
+#include <peer/io/parameters_file.hpp>
+
+#include "test_util.hpp"
+#endif
+
+namespace {
+
+using peer::bfloat16;
+using peer::Index;
+namespace pd = peer::detail;
+
+bool cpu_has_path() {
+#if defined(__AVX512F__)
+  return __builtin_cpu_supports("avx512f");
+#elif defined(__AVX2__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return true;
+#endif
+}
+
+#define PEER_REQUIRE_PATH() \
+  if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses"
+
+// The definitions, written as plainly as possible (the oracle of every path).
+std::uint16_t ref_nearest(std::uint32_t b) {
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>(((b >> 16) & 0x8000u) | 0x7fc0u);
+  const std::uint32_t upper = b >> 16, lower = b & 0xffffu;
+  if (lower > 0x8000u || (lower == 0x8000u && (upper & 1u))) return static_cast<std::uint16_t>(upper + 1);
+  return static_cast<std::uint16_t>(upper);
+}
+std::uint16_t ref_stochastic(std::uint32_t b, std::uint32_t r16) {
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>(((b >> 16) & 0x8000u) | 0x7fc0u);
+  return static_cast<std::uint16_t>((static_cast<std::uint64_t>(b) + r16) >> 16);
+}
+
+// Floats covering every class: random normals of every binade, subnormals, ties, halfway +- 1, zeros,
+// infinities, NaNs (quiet and signalling, both signs), the largest finite values.
+std::vector<float> probe_values(std::size_t random_count) {
+  std::vector<std::uint32_t> bits = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00000u,
+                                     0x7f800001u, 0xff800001u, 0x7fffffffu, 0xffffffffu, 0x7f7fffffu, 0xff7fffffu,
+                                     0x7f7f8000u, 0x7f7f7fffu, 0x00000001u, 0x80000001u, 0x00008000u, 0x00018000u,
+                                     0x00007fffu, 0x007fffffu, 0x00800000u, 0x3f808000u, 0x3f818000u, 0x3f808001u,
+                                     0x3f807fffu, 0xbf808000u, 0xbf818000u, 0x3f800000u};
+  std::mt19937 gen(7);
+  for (std::size_t i = 0; i < random_count; ++i) bits.push_back(static_cast<std::uint32_t>(gen()));
+  std::vector<float> out;
+  for (std::uint32_t b : bits) out.push_back(pd::float_from_bits(b));
+  return out;
+}
+
+TEST(Bf16Conversion, WideningIsExactAndNarrowingItBackIsTheIdentityForEveryPattern) {
+  for (std::uint32_t h = 0; h < 65536; ++h) {
+    const bfloat16 x = pd::bf16_from_bits(static_cast<std::uint16_t>(h));
+    const float f = pd::widen_bf16(x);
+    ASSERT_EQ(pd::float_bits(f), h << 16);
+    const std::uint16_t back = pd::bf16_bits(pd::narrow_bf16_nearest(f));
+    const bool nan = (h & 0x7fffu) > 0x7f80u;
+    ASSERT_EQ(back, nan ? static_cast<std::uint16_t>((h & 0x8000u) | 0x7fc0u) : h) << std::hex << h;
+  }
+}
+
+TEST(Bf16Conversion, NearestRoundsTiesToEvenKeepsSubnormalsInfAndNaN) {
+  auto near = [](std::uint32_t b) { return pd::bf16_bits(pd::narrow_bf16_nearest(pd::float_from_bits(b))); };
+  EXPECT_EQ(near(0x3f808000u), 0x3f80u);  // tie, even below
+  EXPECT_EQ(near(0x3f818000u), 0x3f82u);  // tie, odd below: up
+  EXPECT_EQ(near(0x3f808001u), 0x3f81u);
+  EXPECT_EQ(near(0x3f807fffu), 0x3f80u);
+  EXPECT_EQ(near(0xbf818000u), 0xbf82u);  // sign-magnitude: the same rule below zero
+  EXPECT_EQ(near(0x00008000u), 0x0000u);  // subnormal tie to even zero, not flushed elsewhere:
+  EXPECT_EQ(near(0x00018000u), 0x0002u);
+  EXPECT_EQ(near(0x007fffffu), 0x0080u);  // the largest subnormal rounds up to the smallest normal
+  EXPECT_EQ(near(0x7f800000u), 0x7f80u);
+  EXPECT_EQ(near(0xff800000u), 0xff80u);
+  EXPECT_EQ(near(0x7f7fffffu), 0x7f80u);  // beyond the largest bf16: inf
+  EXPECT_EQ(near(0x7f7f7fffu), 0x7f7fu);
+  EXPECT_EQ(near(0x7f800001u), 0x7fc0u);  // signalling NaN: quiet, never inf
+  EXPECT_EQ(near(0xff800001u), 0xffc0u);
+  EXPECT_EQ(near(0x7fffffffu), 0x7fc0u);  // never wraps to the sign bit
+  EXPECT_EQ(near(0x80000000u), 0x8000u);
+  // Eigen's conversion agrees on everything but NaN payloads (both give the canonical quiet NaN).
+  for (float f : probe_values(100000)) {
+    ASSERT_EQ(pd::bf16_bits(pd::narrow_bf16_nearest(f)), ref_nearest(pd::float_bits(f)));
+    if (!std::isnan(f)) {
+      ASSERT_EQ(pd::bf16_bits(pd::narrow_bf16_nearest(f)), pd::bf16_bits(bfloat16(f))) << f;
+    }
+  }
+}
+
+TEST(Bf16Conversion, StochasticRoundingIsUnbiasedAndNeverLeavesTheNeighbours) {
+  // x between two neighbours lo < hi: every rounding is lo or hi, and the mean of M roundings is x
+  // within 5 standard deviations of a Bernoulli mean, at fixed seeds.
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> mag(-30.0f, 30.0f);
+  const int kM = 20000;
+  for (int trial = 0; trial < 40; ++trial) {
+    const float x = std::ldexp(1.0f + static_cast<float>(gen() % 1000) / 997.0f, static_cast<int>(mag(gen))) * (trial % 2 ? -1.0f : 1.0f);
+    const std::uint32_t b = pd::float_bits(x);
+    const float lo = pd::float_from_bits(b & 0xffff0000u), hi = pd::float_from_bits((b & 0xffff0000u) + 0x10000u);
+    double sum = 0.0;
+    for (int m = 0; m < kM; ++m) {
+      const pd::RoundingStream s{static_cast<std::uint32_t>(m * 2654435761u + 17u)};
+      const float r = pd::widen_bf16(pd::narrow_bf16_stochastic(x, pd::rounding_bits(s, static_cast<std::uint32_t>(trial))));
+      ASSERT_TRUE(r == lo || r == hi) << x;
+      sum += static_cast<double>(r);
+    }
+    const double p = static_cast<double>(x - lo) / static_cast<double>(hi - lo);
+    const double sd = std::abs(static_cast<double>(hi - lo)) * std::sqrt(p * (1 - p) / kM);
+    EXPECT_NEAR(sum / kM, static_cast<double>(x), 5 * sd + 1e-300) << "x = " << x;
+  }
+  // Exactly representable values never move; inf stays inf; NaN is quiet NaN.
+  for (std::uint32_t r = 0; r < 65536; r += 97) {
+    EXPECT_EQ(pd::widen_bf16(pd::narrow_bf16_stochastic(1.5f, r)), 1.5f);
+    EXPECT_EQ(pd::bf16_bits(pd::narrow_bf16_stochastic(std::numeric_limits<float>::infinity(), r)), 0x7f80u);
+    EXPECT_EQ(pd::bf16_bits(pd::narrow_bf16_stochastic(pd::float_from_bits(0x7f800001u), r)), 0x7fc0u);
+  }
+  // A negative control: the same test with the bits reused for every draw must fail the bound.
+  const float x = 1.0f + 1.0f / 512.0f;  // a quarter of the way from 1 to the next bf16
+  double sum = 0.0;
+  for (int m = 0; m < kM; ++m) sum += pd::widen_bf16(pd::narrow_bf16_stochastic(x, pd::rounding_bits({5u}, 0)));
+  EXPECT_GT(std::abs(sum / kM - static_cast<double>(x)), 1e-3);
+}
+
+// ---- Row kernels of the path this build compiles, against the scalar definitions ----------------------
+
+TEST(Bf16Rows, WidenNarrowAndStochasticRowsEqualTheScalarDefinitionsBitForBit) {
+  PEER_REQUIRE_PATH();
+  const std::vector<float> values = probe_values(4000);
+  for (Index n : {Index{1}, Index{7}, Index{16}, Index{31}, Index{64}, static_cast<Index>(values.size())}) {
+    std::vector<bfloat16> narrow(static_cast<std::size_t>(n)), stoch(static_cast<std::size_t>(n));
+    pd::narrow_row_nearest(values.data(), narrow.data(), n);
+    const pd::RoundingStream stream{0x12345678u};
+    pd::narrow_row_stochastic(values.data(), stoch.data(), n, stream, 5);
+    std::vector<float> wide(static_cast<std::size_t>(n));
+    pd::widen_row(narrow.data(), wide.data(), n);
+    for (Index j = 0; j < n; ++j) {
+      const std::uint32_t b = pd::float_bits(values[static_cast<std::size_t>(j)]);
+      ASSERT_EQ(pd::bf16_bits(narrow[static_cast<std::size_t>(j)]), ref_nearest(b)) << "n " << n << " j " << j;
+      const std::uint32_t r = pd::hash32(stream.key + (5u + static_cast<std::uint32_t>(j)) * 0x9e3779b9u) >> 16;
+      ASSERT_EQ(pd::bf16_bits(stoch[static_cast<std::size_t>(j)]), ref_stochastic(b, r)) << "n " << n << " j " << j;
+      ASSERT_EQ(pd::float_bits(wide[static_cast<std::size_t>(j)]), static_cast<std::uint32_t>(ref_nearest(b)) << 16);
+    }
+  }
+}
+
+TEST(Bf16Rows, DotAndAxpyEqualDoubleReferencesToFloatRounding) {
+  PEER_REQUIRE_PATH();
+  std::mt19937 gen(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (Index n : {Index{1}, Index{5}, Index{8}, Index{16}, Index{24}, Index{32}, Index{100}, Index{512}}) {
+    std::vector<bfloat16> row(static_cast<std::size_t>(n));
+    std::vector<float> x(static_cast<std::size_t>(n)), y(static_cast<std::size_t>(n));
+    for (auto& r : row) r = pd::narrow_bf16_nearest(nd(gen));
+    for (auto& v : x) v = nd(gen);
+    for (auto& v : y) v = nd(gen);
+    double ref = 0.0, scale = 0.0;
+    for (Index j = 0; j < n; ++j) {
+      const double p = static_cast<double>(pd::widen_bf16(row[static_cast<std::size_t>(j)])) * x[static_cast<std::size_t>(j)];
+      ref += p;
+      scale += std::abs(p);
+    }
+    const float got = pd::dot_bf16(row.data(), x.data(), n);
+    EXPECT_LE(std::abs(static_cast<double>(got) - ref), static_cast<double>(n) * 6e-8 * scale + 1e-30) << "n " << n;
+    const float a = 0.75f;
+    std::vector<float> y2 = y;
+    pd::axpy_bf16(a, row.data(), y2.data(), n);
+    for (Index j = 0; j < n; ++j) {
+      const double expect = static_cast<double>(y[static_cast<std::size_t>(j)]) +
+                            0.75 * static_cast<double>(pd::widen_bf16(row[static_cast<std::size_t>(j)]));
+      ASSERT_NEAR(static_cast<double>(y2[static_cast<std::size_t>(j)]), expect, 1.2e-7 * (std::abs(expect) + 1.0));
+    }
+    // The double versions (double activations on a bf16 table) against the same references.
+    std::vector<double> xd(x.begin(), x.end());
+    EXPECT_NEAR(pd::dot_bf16(row.data(), xd.data(), n), ref, 1e-12 * (scale + 1.0));
+  }
+}
+
+#if !defined(PEER_TEST_BF16_KERNELS_ONLY)
+// ---- Tables, layers, optimizers and files (portable build only) --------------------------------------
+
+using peer_test::Mat;
+
+TEST(Bf16Tables, StorageIsHalfTheBytesAndMisuseIsRefusedWithAName) {
+  peer::RowTable<float> t(10, 6, peer::TableStorage::kBFloat16);
+  EXPECT_TRUE(t.is_bf16());
+  EXPECT_EQ(t.row_bytes(), 12);
+  EXPECT_EQ(t.bytes(), 120);
+  EXPECT_THROW((void)t.row(0), std::logic_error);
+  EXPECT_THROW((void)t.matrix(), std::logic_error);
+  peer::RowTable<float> f(10, 6);
+  EXPECT_THROW((void)f.bf16_row(0), std::logic_error);
+  const std::vector<float> in = {1.0f, 1.00390625f, -2.5f, 3.0e-39f, 1e30f, 0.1f};
+  t.write_row(3, in.data());
+  std::vector<float> out(6);
+  t.read_row(3, out.data());
+  for (int j = 0; j < 6; ++j) EXPECT_EQ(out[static_cast<std::size_t>(j)], pd::widen_bf16(pd::narrow_bf16_nearest(in[static_cast<std::size_t>(j)])));
+
+  // ExternalMemory must give bf16 tables bf16 memory, and native tables Scalar memory.
+  peer::ParameterLayout layout;
+  layout.add_table("experts", 4, 2, peer::TableStorage::kBFloat16);
+  peer::Parameters<float>::ExternalMemory memory;
+  std::vector<float> floats(8);
+  memory.tables = {floats.data()};
+  try {
+    peer::Parameters<float> p(layout, memory);
+    ADD_FAILURE() << "accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("table 'experts' is Scalar memory, but the table is stored as bfloat16"), std::string::npos) << e.what();
+  }
+  memory.tables = {nullptr};
+  EXPECT_THROW(peer::Parameters<float>(layout, memory), std::invalid_argument);  // null data
+  std::vector<bfloat16> mine(8);
+  memory.tables = {mine.data()};
+  peer::Parameters<float> view(layout, memory);
+  EXPECT_EQ(view.table(peer::TableHandle{0}).bf16_data(), mine.data());
+  // A layout with a bf16 table differs from the same layout in float.
+  peer::ParameterLayout native;
+  native.add_table("experts", 4, 2);
+  EXPECT_NE(layout, native);
+}
+
+// A float layer with a bf16 table against the same layer with a float table holding the widened values:
+// forward, dx, every gradient to float rounding (the bf16 kernels compute in float).
+peer::PeerConfig bf16_config(peer::TableStorage storage) {
+  peer::PeerConfig c = peer_test::small_config(16, 6, 2, 8, 3, 3);
+  c.expert_storage = storage;
+  return c;
+}
+
+void copy_widened_table(const peer::Parameters<float>& from, peer::Parameters<float>& to) {
+  const auto& a = from.table(peer::TableHandle{0});
+  auto& b = to.table(peer::TableHandle{0});
+  for (Index r = 0; r < a.rows(); ++r) a.read_row(r, b.row(r));
+  std::copy(from.dense_data(), from.dense_data() + from.layout().dense_size(), to.dense_data());
+}
+
+TEST(Bf16Tables, LayerWithBf16TableEqualsTheFloatLayerOnTheWidenedTable) {
+  for (bool pkm : {false, true}) {
+    auto run = [&](auto& layer) {
+      using Layer = std::decay_t<decltype(layer)>;
+      peer::Parameters<float> p16 = layer.make_parameters(5);
+      EXPECT_TRUE(p16.table(peer::TableHandle{0}).is_bf16());
+      Layer ref_layer(bf16_config(peer::TableStorage::kNative));
+      peer::Parameters<float> p32 = ref_layer.make_parameters(1);
+      copy_widened_table(p16, p32);
+      const Mat<float> x = peer_test::random_matrix<float>(20, 16, 9);
+      Mat<float> y16(20, 16), y32(20, 16), dx16 = Mat<float>::Zero(20, 16), dx32 = Mat<float>::Zero(20, 16);
+      typename Layer::Cache c16, c32;
+      layer.forward(p16, x, y16, c16, peer::Mode::kTrain);
+      ref_layer.forward(p32, x, y32, c32, peer::Mode::kTrain);
+      EXPECT_TRUE(c16.ids == c32.ids);
+      EXPECT_LE((y16 - y32).cwiseAbs().maxCoeff(), 1e-5f * (1.0f + y32.cwiseAbs().maxCoeff()));
+      const Mat<float> dy = peer_test::random_matrix<float>(20, 16, 10);
+      peer::Gradients<float> g16 = layer.make_gradients(), g32 = ref_layer.make_gradients();
+      layer.backward(p16, c16, dy, dx16, g16);
+      ref_layer.backward(p32, c32, dy, dx32, g32);
+      EXPECT_LE((dx16 - dx32).cwiseAbs().maxCoeff(), 1e-5f * (1.0f + dx32.cwiseAbs().maxCoeff()));
+      const auto& t16 = g16.table(peer::TableHandle{0});
+      const auto& t32 = g32.table(peer::TableHandle{0});
+      ASSERT_EQ(t16.ids(), t32.ids());
+      EXPECT_LE((t16.values() - t32.values()).cwiseAbs().maxCoeff(), 1e-5f * (1.0f + t32.values().cwiseAbs().maxCoeff()));
+      for (Index i = 0; i < p16.layout().dense_size(); ++i) {
+        ASSERT_NEAR(g16.dense_data()[i], g32.dense_data()[i], 1e-5f * (1.0f + std::abs(g32.dense_data()[i])));
+      }
+    };
+    if (pkm) {
+      peer::ProductKeyMemory<float> layer(bf16_config(peer::TableStorage::kBFloat16));
+      run(layer);
+    } else {
+      peer::PeerLayer<float> layer(bf16_config(peer::TableStorage::kBFloat16));
+      run(layer);
+    }
+  }
+}
+
+// The update of a bf16 table against a naive per-row loop: widen, the float optimizer's update (taken
+// from a float table with the same values and gradient), round as the group asks.
+struct Bf16Step {
+  peer::ParameterLayout l16, l32;
+  peer::Parameters<float> p16, p32;
+  peer::Gradients<float> g16, g32;
+  Bf16Step() {
+    l16.add_dense("w", 1, 3);
+    l16.add_table("experts", 40, 20, peer::TableStorage::kBFloat16);
+    l32.add_dense("w", 1, 3);
+    l32.add_table("experts", 40, 20);
+    p16 = peer::Parameters<float>(l16);
+    p32 = peer::Parameters<float>(l32);
+    g16 = peer::Gradients<float>(l16);
+    g32 = peer::Gradients<float>(l32);
+    const Mat<float> init = peer_test::random_matrix<float>(40, 20, 4, 0.5);
+    for (Index r = 0; r < 40; ++r) p16.table(peer::TableHandle{0}).write_row(r, init.row(r).data());
+  }
+  // Gradient of step s: rows 3 s mod 40 ... (a few rows, some repeated across steps).
+  void fill(int s) {
+    g16.zero();
+    g32.zero();
+    std::vector<peer::ExpertId> ids;
+    for (int k = 0; k < 5; ++k) ids.push_back(static_cast<peer::ExpertId>((3 * s + 7 * k) % 40));
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    const Mat<float> g = peer_test::random_matrix<float>(static_cast<Index>(ids.size()), 20, static_cast<unsigned>(100 * s), 1e-3);
+    g16.table(peer::TableHandle{0}).add(ids, g.data());
+    g32.table(peer::TableHandle{0}).add(ids, g.data());
+  }
+};
+
+std::vector<peer::ParamGroup> groups_with(peer::Bf16Rounding rounding) {
+  auto groups = peer::default_param_groups(1e-2, peer::LrSchedule(), 1e-2);
+  for (auto& g : groups) {
+    g.bf16_rounding = rounding;
+    g.rounding_seed = 99;
+  }
+  return groups;
+}
+
+TEST(Bf16Tables, AdamAndSgdUpdatesEqualANaivePerRowLoopForEveryRounding) {
+  for (auto rounding : {peer::Bf16Rounding::kStochastic, peer::Bf16Rounding::kNearest, peer::Bf16Rounding::kMasterRows}) {
+    for (bool adam : {true, false}) {
+      Bf16Step s;
+      peer::Adam<float> a16(s.l16, groups_with(rounding), peer::AdamConfig::adamw()), a32(s.l32, groups_with(rounding), peer::AdamConfig::adamw());
+      peer::Sgd<float> s16(s.l16, groups_with(rounding), 0.9), s32(s.l32, groups_with(rounding), 0.9);
+      auto& t16 = s.p16.table(peer::TableHandle{0});
+      auto& t32 = s.p32.table(peer::TableHandle{0});
+      // The reference's float table follows the rule by hand: before each step it holds what the bf16
+      // rule says the parameter is (the widened row, or the master).
+      Mat<float> master(40, 20);
+      for (Index r = 0; r < 40; ++r) t16.read_row(r, master.row(r).data());
+      const pd::TableRowWriter<float> keys(s.l16.tables()[0], rounding, 99);
+      for (int step = 1; step <= 6; ++step) {
+        s.fill(step);
+        for (Index r = 0; r < 40; ++r) {
+          if (rounding == peer::Bf16Rounding::kMasterRows) {
+            std::copy(master.row(r).data(), master.row(r).data() + 20, t32.row(r));
+          } else {
+            t16.read_row(r, t32.row(r));
+          }
+        }
+        if (adam) {
+          a16.step(s.p16, s.g16);
+          a32.step(s.p32, s.g32);
+        } else {
+          s16.step(s.p16, s.g16);
+          s32.step(s.p32, s.g32);
+        }
+        for (Index r = 0; r < 40; ++r) {
+          const bool touched = s.g32.table(peer::TableHandle{0}).find(static_cast<peer::ExpertId>(r)) != nullptr;
+          for (Index j = 0; j < 20; ++j) {
+            const float want = t32.row(r)[j];
+            std::uint16_t expect;
+            if (!touched) {
+              continue;  // untouched rows: checked below to keep their bits
+            } else if (rounding == peer::Bf16Rounding::kStochastic) {
+              expect = ref_stochastic(pd::float_bits(want), pd::rounding_bits(keys.stream(step, r), static_cast<std::uint32_t>(j)));
+            } else {
+              expect = ref_nearest(pd::float_bits(want));
+            }
+            ASSERT_EQ(pd::bf16_bits(t16.bf16_row(r)[j]), expect) << to_string(rounding) << " adam " << adam << " step " << step << " row " << r;
+          }
+          if (rounding == peer::Bf16Rounding::kMasterRows && touched) std::copy(t32.row(r), t32.row(r) + 20, master.row(r).data());
+        }
+      }
+    }
+  }
+}
+
+TEST(Bf16Tables, StochasticRoundingKeepsSmallUpdatesThatNearestLoses) {
+  // SGD with steps far below half a bf16 ulp: nearest rounding never moves the row; stochastic rounding
+  // moves it by the accumulated update in expectation; master rows track it exactly.
+  auto run = [](peer::Bf16Rounding rounding) {
+    peer::ParameterLayout l;
+    l.add_table("experts", 1, 256, peer::TableStorage::kBFloat16);
+    peer::Parameters<float> p(l);
+    peer::Gradients<float> g(l);
+    std::vector<float> ones(256, 1.0f), grad(256, 1.0f);
+    p.table(peer::TableHandle{0}).write_row(0, ones.data());
+    auto groups = groups_with(rounding);
+    for (auto& gr : groups) gr.learning_rate = 1e-4;  // ulp(1) = 2^-7 = 7.8e-3: a step is 1/78 of it
+    peer::Sgd<float> sgd(l, groups);
+    for (int step = 0; step < 200; ++step) {
+      g.zero();
+      g.table(peer::TableHandle{0}).add({0}, grad.data());
+      sgd.step(p, g);
+    }
+    std::vector<float> out(256);
+    p.table(peer::TableHandle{0}).read_row(0, out.data());
+    double mean = 0;
+    for (float v : out) mean += v;
+    return mean / 256.0;
+  };
+  const double target = 1.0 - 200 * 1e-4;  // 0.98
+  EXPECT_EQ(run(peer::Bf16Rounding::kNearest), 1.0);
+  EXPECT_NEAR(run(peer::Bf16Rounding::kStochastic), target, 1.5e-3);
+  EXPECT_NEAR(run(peer::Bf16Rounding::kMasterRows), target, 4e-3);  // the row is nearest(master)
+}
+
+TEST(Bf16Tables, TrainingIsBitwiseIdenticalForOneTwoAndFourThreads) {
+  auto train = [](int threads, int* team) {
+    peer_test::ThreadScope scope(threads);
+    *team = peer_test::library_team_size();
+    peer::PeerLayer<float> layer(bf16_config(peer::TableStorage::kBFloat16));
+    peer::Parameters<float> p = layer.make_parameters(3);
+    peer::Gradients<float> g = layer.make_gradients();
+    peer::Adam<float> opt(p.layout(), groups_with(peer::Bf16Rounding::kStochastic), peer::AdamConfig::adamw());
+    peer::PeerLayer<float>::Cache cache;
+    Mat<float> x, y(64, 16), none;
+    for (int step = 0; step < 4; ++step) {
+      x = peer_test::random_matrix<float>(64, 16, static_cast<unsigned>(step));
+      layer.forward(p, x, y, cache, peer::Mode::kTrain);
+      g.zero();
+      layer.backward(p, cache, Mat<float>(y - x), none, g);
+      opt.step(p, g);
+    }
+    return peer_test::storage_bytes(p);
+  };
+  int team1 = 0, team2 = 0, team4 = 0;
+  const auto one = train(1, &team1), two = train(2, &team2), four = train(4, &team4);
+  EXPECT_EQ(team1, 1);
+#if defined(_OPENMP)
+  EXPECT_EQ(team2, 2);
+  EXPECT_EQ(team4, 4);
+#endif
+  EXPECT_TRUE(peer_test::same_bits(one, two));
+  EXPECT_TRUE(peer_test::same_bits(one, four));
+}
+
+TEST(Bf16Tables, CheckpointsAndSafetensorsCarryBf16TablesAndMasterRowsBitForBit) {
+  const std::string dir = ::testing::TempDir();
+  for (auto rounding : {peer::Bf16Rounding::kStochastic, peer::Bf16Rounding::kMasterRows}) {
+    auto make = [&]() {
+      struct Run {
+        peer::PeerLayer<float> layer{bf16_config(peer::TableStorage::kBFloat16)};
+        peer::Parameters<float> p = layer.make_parameters(8);
+        peer::Gradients<float> g = layer.make_gradients();
+        peer::Adam<float> opt;
+        peer::PeerLayer<float>::Cache cache;
+        std::int64_t step = 0;
+        explicit Run(peer::Bf16Rounding r) : opt(p.layout(), groups_with(r), peer::AdamConfig::adamw()) {}
+        void train(int n) {
+          Mat<float> y(32, 16), none;
+          for (int i = 0; i < n; ++i, ++step) {
+            const Mat<float> x = peer_test::random_matrix<float>(32, 16, static_cast<unsigned>(step));
+            layer.forward(p, x, y, cache, peer::Mode::kTrain);
+            g.zero();
+            layer.backward(p, cache, Mat<float>(y - x), none, g);
+            opt.step(p, g);
+          }
+        }
+        peer::TrainingCheckpoint ckpt() {
+          peer::TrainingCheckpoint c;
+          c.add_config("peer", layer.config().to_fields());
+          c.add_parameters("peer", p);
+          c.add_optimizer("opt", opt);
+          c.add_counter("step", &step);
+          return c;
+        }
+      };
+      return std::make_unique<Run>(rounding);
+    };
+    auto straight = make();
+    straight->train(6);
+    auto first = make();
+    first->train(3);
+    const std::string path = dir + "/bf16_" + to_string(rounding) + ".ckpt";
+    first->ckpt().save(path);
+    {
+      const peer::CheckpointReader reader(path);
+      EXPECT_EQ(reader.entry("peer.experts").dtype, peer::DType::kBFloat16);
+      EXPECT_EQ(reader.has("opt.bf16.master.experts"), rounding == peer::Bf16Rounding::kMasterRows);
+    }
+    auto resumed = make();
+    resumed->ckpt().load(path);
+    resumed->train(3);
+    EXPECT_TRUE(peer_test::same_bits(peer_test::storage_bytes(straight->p), peer_test::storage_bytes(resumed->p)))
+        << to_string(rounding);
+    // A float model refuses the file by its configuration ("expert_storage" is only written for bf16).
+    peer::PeerLayer<float> native(bf16_config(peer::TableStorage::kNative));
+    peer::Parameters<float> pn = native.make_parameters(1);
+    peer::TrainingCheckpoint c;
+    c.add_config("peer", native.config().to_fields());
+    c.add_parameters("peer", pn);
+    EXPECT_THROW(c.load(path), std::runtime_error);
+
+    // safetensors: written as BF16, read back bit for bit; a float file rounds into a bf16 table.
+    peer::SafetensorsWriter w;
+    peer::add_parameters(w, straight->p);
+    const std::string st = dir + "/bf16.safetensors";
+    w.save(st);
+    const peer::SafetensorsFile f = peer::SafetensorsFile::open(st);
+    EXPECT_EQ(f.tensor("experts").dtype, peer::SafetensorsDType::kBF16);
+    peer::Parameters<float> back = straight->layer.make_parameters(123);
+    peer::load_parameters(f, back);
+    EXPECT_TRUE(peer_test::same_bits(peer_test::storage_bytes(straight->p), peer_test::storage_bytes(back)));
+  }
+}
+#endif  // !PEER_TEST_BF16_KERNELS_ONLY
+
+}  // namespace
