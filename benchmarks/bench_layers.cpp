@@ -83,7 +83,7 @@ void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, in
   double table_state = table_bytes;
   if (adam) {
     for (const auto& t : adam->state_tensors()) {
-      const double bytes = static_cast<double>(t.rows * t.cols) * sizeof(float);
+      const double bytes = static_cast<double>(t.rows * t.cols) * (t.bf16 != nullptr ? 2.0 : 4.0);
       model += bytes;
       if (layout.find(t.name.substr(t.name.find('.', t.name.find('.') + 1) + 1)).second == peer::ParamKind::kRowSparse) table_state += bytes;
     }

@@ -1,4 +1,4 @@
-// bfloat16 tables. This file is compiled three times: with the project's flags (the portable paths, plus
+// bfloat16 tables, the optimizers' table state and fused table updates. This file is compiled three times: with the project's flags (the portable paths, plus
 // the layer, optimizer and checkpoint tests), with -mavx2 -mfma and with -mavx512f (the conversion and row
 // kernels only, PEER_TEST_BF16_KERNELS_ONLY): every vector path must equal the scalar definitions bit for
 // bit (conversions) or to float rounding (dot, axpy). Vector builds skip on a CPU without the instructions.
@@ -440,39 +440,39 @@ TEST(Bf16Tables, TrainingIsBitwiseIdenticalForOneTwoAndFourThreads) {
   EXPECT_TRUE(peer_test::same_bits(one, four));
 }
 
+// A PEER layer with a bf16 table trained by AdamW with `groups`, and the checkpoint registrations of the run.
+struct TableRun {
+  peer::PeerLayer<float> layer{bf16_config(peer::TableStorage::kBFloat16)};
+  peer::Parameters<float> p = layer.make_parameters(8);
+  peer::Gradients<float> g = layer.make_gradients();
+  peer::Adam<float> opt;
+  peer::PeerLayer<float>::Cache cache;
+  std::int64_t step = 0;
+  explicit TableRun(const std::vector<peer::ParamGroup>& groups) : opt(p.layout(), groups, peer::AdamConfig::adamw()) {}
+  void train(int n) {
+    Mat<float> y(32, 16), none;
+    for (int i = 0; i < n; ++i, ++step) {
+      const Mat<float> x = peer_test::random_matrix<float>(32, 16, static_cast<unsigned>(step));
+      layer.forward(p, x, y, cache, peer::Mode::kTrain);
+      g.zero();
+      layer.backward(p, cache, Mat<float>(y - x), none, g);
+      opt.step(p, g);
+    }
+  }
+  peer::TrainingCheckpoint ckpt() {
+    peer::TrainingCheckpoint c;
+    c.add_config("peer", layer.config().to_fields());
+    c.add_parameters("peer", p);
+    c.add_optimizer("opt", opt);
+    c.add_counter("step", &step);
+    return c;
+  }
+};
+
 TEST(Bf16Tables, CheckpointsAndSafetensorsCarryBf16TablesAndMasterRowsBitForBit) {
   const std::string dir = ::testing::TempDir();
   for (auto rounding : {peer::Bf16Rounding::kStochastic, peer::Bf16Rounding::kMasterRows}) {
-    auto make = [&]() {
-      struct Run {
-        peer::PeerLayer<float> layer{bf16_config(peer::TableStorage::kBFloat16)};
-        peer::Parameters<float> p = layer.make_parameters(8);
-        peer::Gradients<float> g = layer.make_gradients();
-        peer::Adam<float> opt;
-        peer::PeerLayer<float>::Cache cache;
-        std::int64_t step = 0;
-        explicit Run(peer::Bf16Rounding r) : opt(p.layout(), groups_with(r), peer::AdamConfig::adamw()) {}
-        void train(int n) {
-          Mat<float> y(32, 16), none;
-          for (int i = 0; i < n; ++i, ++step) {
-            const Mat<float> x = peer_test::random_matrix<float>(32, 16, static_cast<unsigned>(step));
-            layer.forward(p, x, y, cache, peer::Mode::kTrain);
-            g.zero();
-            layer.backward(p, cache, Mat<float>(y - x), none, g);
-            opt.step(p, g);
-          }
-        }
-        peer::TrainingCheckpoint ckpt() {
-          peer::TrainingCheckpoint c;
-          c.add_config("peer", layer.config().to_fields());
-          c.add_parameters("peer", p);
-          c.add_optimizer("opt", opt);
-          c.add_counter("step", &step);
-          return c;
-        }
-      };
-      return std::make_unique<Run>(rounding);
-    };
+    auto make = [&]() { return std::make_unique<TableRun>(groups_with(rounding)); };
     auto straight = make();
     straight->train(6);
     auto first = make();
@@ -508,6 +508,314 @@ TEST(Bf16Tables, CheckpointsAndSafetensorsCarryBf16TablesAndMasterRowsBitForBit)
     peer::load_parameters(f, back);
     EXPECT_TRUE(peer_test::same_bits(peer_test::storage_bytes(straight->p), peer_test::storage_bytes(back)));
   }
+}
+// ---- Table state variants: bf16 moments, partial row-wise Adam, row-wise Adagrad ---------------------------
+
+// Double-precision Adam with a variant's state against the equations written as naive loops, 6 steps of
+// sparse gradients, both weight-decay modes.
+TEST(TableState, PartialRowWiseAdamAndRowWiseAdagradEqualNaiveLoops) {
+  for (auto rule : {peer::TableOptimizer::kPartialRowWiseAdam, peer::TableOptimizer::kRowWiseAdagrad}) {
+    for (auto decay : {peer::WeightDecay::kL2, peer::WeightDecay::kDecoupled}) {
+      peer::ParameterLayout l(8);
+      l.add_table("experts", 12, 5);
+      peer::Parameters<double> p(l);
+      peer::Gradients<double> g(l);
+      const Mat<double> init = peer_test::random_matrix<double>(12, 5, 2);
+      std::copy(init.data(), init.data() + init.size(), p.table(peer::TableHandle{0}).data());
+      std::vector<peer::ParamGroup> groups{peer::ParamGroup{"experts", {""}, 0.05, 0.1, peer::LrSchedule(), peer::GroupKinds::kAll}};
+      groups[0].table_optimizer = rule;
+      peer::AdamConfig config{0.9, 0.99, 1e-8, decay};
+      peer::Adam<double> adam(l, groups, config);
+      Mat<double> ref = init, m = Mat<double>::Zero(12, 5);
+      std::vector<double> v(12, 0.0);
+      std::vector<int> t(12, 0);
+      for (int step = 1; step <= 6; ++step) {
+        std::vector<peer::ExpertId> ids;
+        for (int k = 0; k < 4; ++k) ids.push_back(static_cast<peer::ExpertId>((5 * step + 3 * k) % 12));
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        const Mat<double> grad = peer_test::random_matrix<double>(static_cast<Index>(ids.size()), 5, static_cast<unsigned>(step));
+        g.zero();
+        g.table(peer::TableHandle{0}).add(ids, grad.data());
+        adam.step(p, g);
+        for (std::size_t i = 0; i < ids.size(); ++i) {
+          const Index r = ids[i];
+          ++t[static_cast<std::size_t>(r)];
+          const bool decoupled = decay == peer::WeightDecay::kDecoupled;
+          double mean_sq = 0;
+          std::vector<double> gj(5);
+          for (Index j = 0; j < 5; ++j) {
+            gj[static_cast<std::size_t>(j)] = grad(static_cast<Index>(i), j) + (decoupled ? 0.0 : 0.1 * ref(r, j));
+            mean_sq += gj[static_cast<std::size_t>(j)] * gj[static_cast<std::size_t>(j)] / 5.0;
+          }
+          double& vr = v[static_cast<std::size_t>(r)];
+          if (rule == peer::TableOptimizer::kRowWiseAdagrad) {
+            vr += mean_sq;
+          } else {
+            vr = 0.99 * vr + 0.01 * mean_sq;
+          }
+          for (Index j = 0; j < 5; ++j) {
+            if (decoupled) ref(r, j) -= 0.05 * 0.1 * ref(r, j);
+            if (rule == peer::TableOptimizer::kRowWiseAdagrad) {
+              ref(r, j) -= 0.05 * gj[static_cast<std::size_t>(j)] / (std::sqrt(vr) + 1e-8);
+            } else {
+              const int tr = t[static_cast<std::size_t>(r)];
+              m(r, j) = 0.9 * m(r, j) + 0.1 * gj[static_cast<std::size_t>(j)];
+              ref(r, j) -= 0.05 * (m(r, j) / (1 - std::pow(0.9, tr))) / (std::sqrt(vr / (1 - std::pow(0.99, tr))) + 1e-8);
+            }
+          }
+        }
+        const auto got = p.table(peer::TableHandle{0}).matrix();
+        ASSERT_LE((got - ref).cwiseAbs().maxCoeff(), 1e-13) << to_string(rule) << " step " << step;
+      }
+      // The state has the rule's shape: [N, 1] per-row accumulators, and m only for Adam.
+      const auto state = adam.state_tensors();
+      ASSERT_EQ(state.size(), rule == peer::TableOptimizer::kRowWiseAdagrad ? 1u : 2u);
+      EXPECT_EQ(state.back().cols, 1);
+    }
+  }
+}
+
+// bf16 moments: each step equals the Scalar-moment Adam run on the widened moments, with m and v then
+// rounded stochastically from columns [cols, 3 cols) of the row's stream, bit for bit.
+TEST(TableState, Bf16MomentsAreTheFloatUpdateStochasticallyRounded) {
+  for (auto rule : {peer::TableOptimizer::kDefault, peer::TableOptimizer::kPartialRowWiseAdam}) {
+    Bf16Step s;
+    auto groups = groups_with(peer::Bf16Rounding::kStochastic);
+    auto ref_groups = groups;
+    for (auto& g : groups) {
+      g.table_optimizer = rule;
+      g.moment_storage = peer::TableStorage::kBFloat16;
+    }
+    for (auto& g : ref_groups) g.table_optimizer = rule;
+    // Float tables on both sides, so that only the moments differ in storage.
+    peer::Parameters<float> pa(s.l32), pb(s.l32);
+    const Mat<float> init = peer_test::random_matrix<float>(40, 20, 4, 0.5);
+    std::copy(init.data(), init.data() + init.size(), pa.table(peer::TableHandle{0}).data());
+    std::copy(init.data(), init.data() + init.size(), pb.table(peer::TableHandle{0}).data());
+    peer::Adam<float> a(s.l32, groups, peer::AdamConfig::adamw()), b(s.l32, ref_groups, peer::AdamConfig::adamw());
+    const pd::TableRowWriter<float> keys(s.l32.tables()[0], peer::Bf16Rounding::kStochastic, 99);
+    for (int step = 1; step <= 5; ++step) {
+      s.fill(step);
+      // The reference starts from the bf16 state, widened.
+      auto sa = a.state_tensors(), sb = b.state_tensors();
+      for (std::size_t k = 0; k < sa.size(); ++k) {
+        if (sa[k].bf16 != nullptr) {
+          pd::widen_row(sa[k].bf16, sb[k].data, sa[k].rows * sa[k].cols);
+        } else if (sa[k].data != nullptr) {
+          std::copy(sa[k].data, sa[k].data + sa[k].rows * sa[k].cols, sb[k].data);
+        }
+      }
+      a.step(pa, s.g32);
+      b.step(pb, s.g32);
+      ASSERT_TRUE(peer_test::same_bits(Mat<float>(pa.table(peer::TableHandle{0}).matrix()), Mat<float>(pb.table(peer::TableHandle{0}).matrix())));
+      const auto& grad = s.g32.table(peer::TableHandle{0});
+      for (std::size_t k = 0; k < sa.size(); ++k) {
+        if (sa[k].bf16 == nullptr || sa[k].rows != 40) continue;  // the dense tensor's moments, per-row v
+        const std::uint32_t first = sa[k].name.find(".v.") != std::string::npos ? 40u : 20u;
+        for (peer::ExpertId r : grad.ids()) {
+          for (Index j = 0; j < 20; ++j) {
+            const float want = sb[k].data[r * 20 + j];
+            const std::uint16_t expect = ref_stochastic(pd::float_bits(want), pd::rounding_bits(keys.stream(step, r), first + static_cast<std::uint32_t>(j)));
+            ASSERT_EQ(pd::bf16_bits(sa[k].bf16[r * 20 + j]), expect) << sa[k].name << " step " << step << " row " << r;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(TableState, SgdRefusesAdamOnlyTableStateAndAdagradHasNoMomentsToStore) {
+  peer::ParameterLayout l;
+  l.add_table("experts", 4, 4);
+  auto groups = peer::default_param_groups(1e-3);
+  groups[0].table_optimizer = peer::TableOptimizer::kPartialRowWiseAdam;
+  try {
+    peer::Sgd<float> sgd(l, groups);
+    ADD_FAILURE() << "accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("ParamGroup 'experts'.table_optimizer = partial_row_wise_adam needs Adam"), std::string::npos) << e.what();
+  }
+  groups[0].table_optimizer = peer::TableOptimizer::kRowWiseAdagrad;
+  groups[0].moment_storage = peer::TableStorage::kBFloat16;
+  EXPECT_THROW(peer::Adam<float>(l, groups), std::invalid_argument);
+  groups[0].table_optimizer = peer::TableOptimizer::kDefault;
+  EXPECT_THROW(peer::Sgd<float>(l, groups), std::invalid_argument);
+}
+
+// Every state variant, with bf16 tables: resumed after 3 of 6 steps it ends bit for bit where the
+// uninterrupted run does, on 1 and 2 threads alike.
+TEST(TableState, EveryVariantResumesBitForBitAndIsThreadCountIndependent) {
+  struct Variant {
+    peer::TableOptimizer rule;
+    peer::TableStorage moments;
+  };
+  const std::string dir = ::testing::TempDir();
+  for (const Variant& var : {Variant{peer::TableOptimizer::kDefault, peer::TableStorage::kBFloat16},
+                             Variant{peer::TableOptimizer::kPartialRowWiseAdam, peer::TableStorage::kNative},
+                             Variant{peer::TableOptimizer::kPartialRowWiseAdam, peer::TableStorage::kBFloat16},
+                             Variant{peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative}}) {
+    SCOPED_TRACE(std::string(to_string(var.rule)) + " / " + to_string(var.moments));
+    auto groups = groups_with(peer::Bf16Rounding::kStochastic);
+    for (auto& g : groups) {
+      g.table_optimizer = var.rule;
+      g.moment_storage = var.moments;
+    }
+    TableRun straight(groups);
+    {
+      peer_test::ThreadScope one(1);
+      straight.train(6);
+    }
+    TableRun first(groups);
+    first.train(3);
+    const std::string path = dir + "/state_" + to_string(var.rule) + "_" + to_string(var.moments) + ".ckpt";
+    first.ckpt().save(path);
+    TableRun resumed(groups);
+    resumed.ckpt().load(path);
+    {
+      peer_test::ThreadScope two(2);
+#if defined(_OPENMP)
+      EXPECT_EQ(peer_test::library_team_size(), 2);
+#endif
+      resumed.train(3);
+    }
+    EXPECT_TRUE(peer_test::same_bits(peer_test::storage_bytes(straight.p), peer_test::storage_bytes(resumed.p)));
+    auto a = straight.opt.state_tensors(), b = resumed.opt.state_tensors();
+    ASSERT_EQ(a.size(), b.size());
+    for (std::size_t k = 0; k < a.size(); ++k) {
+      const std::size_t n = static_cast<std::size_t>(a[k].rows * a[k].cols);
+      if (a[k].bf16 != nullptr) {
+        EXPECT_EQ(std::memcmp(a[k].bf16, b[k].bf16, n * 2), 0) << a[k].name;
+      } else {
+        EXPECT_EQ(std::memcmp(a[k].data, b[k].data, n * 4), 0) << a[k].name;
+      }
+    }
+  }
+}
+// ---- Fused backward and update ---------------------------------------------------------------------------
+
+// A few steps of a layer, fused or not: every parameter, every optimizer state tensor and counter.
+template <typename Layer, typename Optimizer>
+std::string train_steps(Layer& layer, Optimizer& opt, peer::Parameters<float>& p, peer::Gradients<float>& g, bool fused, int threads) {
+  peer_test::ThreadScope scope(threads);
+  typename Layer::Cache cache;
+  Mat<float> y(48, 16), dx(48, 16);
+  if (fused) opt.fuse_table_updates(p, g);
+  for (int step = 0; step < 4; ++step) {
+    const Mat<float> x = peer_test::random_matrix<float>(48, 16, static_cast<unsigned>(40 + step));
+    layer.forward(p, x, y, cache, peer::Mode::kTrain);
+    g.zero();
+    dx.setZero();
+    layer.backward(p, cache, Mat<float>(y - x), dx, g);
+    if (fused) {
+      EXPECT_TRUE(g.table(peer::TableHandle{0}).empty());  // no table gradient is written
+    }
+    opt.step(p, g);
+  }
+  const auto bytes = peer_test::storage_bytes(p);
+  std::string out(bytes.begin(), bytes.end());
+  for (const auto& s : opt.state_tensors()) {
+    const std::size_t n = static_cast<std::size_t>(s.rows * s.cols);
+    out.append(s.bf16 != nullptr ? reinterpret_cast<const char*>(s.bf16) : reinterpret_cast<const char*>(s.data), n * (s.bf16 != nullptr ? 2 : 4));
+  }
+  for (const auto& c : opt.state_counters()) out.append(reinterpret_cast<const char*>(c.data), static_cast<std::size_t>(c.size) * 8);
+  return out;
+}
+
+TEST(FusedTableUpdate, BitwiseEqualToTheUnfusedStepForEveryStorageAndRule) {
+  struct Case {
+    const char* name;
+    peer::TableStorage table;
+    peer::Bf16Rounding rounding;
+    peer::TableOptimizer rule;
+    peer::TableStorage moments;
+  };
+  const Case cases[] = {
+      {"float, Adam", peer::TableStorage::kNative, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kDefault, peer::TableStorage::kNative},
+      {"bf16 stochastic, Adam", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kDefault, peer::TableStorage::kNative},
+      {"bf16 master rows, Adam bf16 moments", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kMasterRows, peer::TableOptimizer::kDefault, peer::TableStorage::kBFloat16},
+      {"bf16, partial row-wise Adam, bf16 m", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kPartialRowWiseAdam, peer::TableStorage::kBFloat16},
+      {"bf16, row-wise Adagrad", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kNearest, peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    auto groups = groups_with(k.rounding);
+    for (auto& g : groups) {
+      g.table_optimizer = k.rule;
+      g.moment_storage = k.moments;
+    }
+    auto run = [&](bool pkm, bool fused, int threads) {
+      if (pkm) {
+        peer::ProductKeyMemory<float> layer(bf16_config(k.table));
+        auto p = layer.make_parameters(6);
+        auto g = layer.make_gradients();
+        peer::Adam<float> opt(layer.layout(), groups, peer::AdamConfig::adamw());
+        return train_steps(layer, opt, p, g, fused, threads);
+      }
+      peer::PeerLayer<float> layer(bf16_config(k.table));
+      auto p = layer.make_parameters(6);
+      auto g = layer.make_gradients();
+      peer::Adam<float> opt(layer.layout(), groups, peer::AdamConfig::adamw());
+      return train_steps(layer, opt, p, g, fused, threads);
+    };
+    for (bool pkm : {false, true}) {
+      const std::string unfused = run(pkm, false, 1);
+      EXPECT_TRUE(unfused == run(pkm, true, 1)) << (pkm ? "pkm" : "peer") << ", 1 thread";
+      EXPECT_TRUE(unfused == run(pkm, true, 2)) << (pkm ? "pkm" : "peer") << ", 2 threads";
+    }
+  }
+  // SGD with momentum too.
+  peer::PeerLayer<float> layer(bf16_config(peer::TableStorage::kBFloat16));
+  std::string results[2];
+  for (bool fused : {false, true}) {
+    auto p = layer.make_parameters(6);
+    auto g = layer.make_gradients();
+    peer::Sgd<float> sgd(layer.layout(), groups_with(peer::Bf16Rounding::kStochastic), 0.9);
+    results[fused] = train_steps(layer, sgd, p, g, fused, 2);
+  }
+  EXPECT_TRUE(results[0] == results[1]) << "sgd";
+}
+
+TEST(FusedTableUpdate, WhatTheFusedPathCannotDoIsRefusedWithAReason) {
+  peer::PeerLayer<float> layer(bf16_config(peer::TableStorage::kNative));
+  auto p = layer.make_parameters(1);
+  auto g = layer.make_gradients();
+  peer::Adam<float> opt(layer.layout(), peer::default_param_groups(1e-3), peer::AdamConfig::adamw());
+  peer::PeerLayer<float>::Cache cache;
+  const Mat<float> x = peer_test::random_matrix<float>(8, 16, 1);
+  Mat<float> y(8, 16), none;
+  auto expect_message = [](auto&& f, const char* text) {
+    try {
+      f();
+      ADD_FAILURE() << "no exception; expected: " << text;
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  opt.fuse_table_updates(p, g);
+  layer.forward(p, x, y, cache, peer::Mode::kTrain);
+  layer.backward(p, cache, y, none, g);
+  // A global clip cannot see the table gradient.
+  expect_message([&] { peer::clip_gradient_norm(g, 1.0); }, "table 'experts' are fused into the backward");
+  // Gradient accumulation: a second backward before the step.
+  expect_message([&] { layer.backward(p, cache, y, none, g); }, "table 'experts' was already updated by a backward since the optimizer's last step");
+  // Rows handed to the gradient by other code.
+  const std::vector<float> row(32, 1.0f);
+  expect_message([&] { g.table(peer::TableHandle{0}).add({3}, row.data()); }, "whose updates are fused into the backward");
+  // A step with other gradients.
+  auto other = layer.make_gradients();
+  expect_message([&] { opt.step(p, other); }, "step() got other params or grads");
+  opt.step(p, g);
+  // After the step the next backward is accepted again; after unfusing, gradients are stored again.
+  layer.forward(p, x, y, cache, peer::Mode::kTrain);
+  EXPECT_NO_THROW(layer.backward(p, cache, y, none, g));
+  opt.step(p, g);
+  opt.unfuse_table_updates();
+  g.zero();
+  layer.forward(p, x, y, cache, peer::Mode::kTrain);
+  layer.backward(p, cache, y, none, g);
+  EXPECT_FALSE(g.table(peer::TableHandle{0}).empty());
+  EXPECT_GT(peer::clip_gradient_norm(g, 1.0), 0.0);
 }
 #endif  // !PEER_TEST_BF16_KERNELS_ONLY
 

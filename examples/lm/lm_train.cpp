@@ -44,6 +44,9 @@ Model
 PEER / PKM (defaults scale with D; see docs/lm.md)
   --experts N  --expert-heads H  --top-k K  --key-dim DK
   --query-norm Q           batch_norm | layer_norm | none (batch_norm; layer_norm is causal in training too)
+  --expert-storage S       native | bfloat16: the expert / value tables' storage (native = float)
+  --table-optimizer R      default | partial_row_wise_adam | row_wise_adagrad (default: AdamW's m and v per entry)
+  --moment-storage S       native | bfloat16: the tables' Adam moments (bfloat16: stochastic rounding)
 MoE
   --moe-experts E  --moe-hidden F  --moe-top-k K  (16, 2 D, 2)
   --moe-routing R          token_choice | expert_choice (token_choice)
@@ -90,7 +93,8 @@ Args parse(int argc, char** argv) {
   static const std::vector<std::string> flags = {"resume", "no-progress"};
   static const std::vector<std::string> known = {
       "text", "val-fraction", "ffn", "sparse-blocks", "layers", "dim", "heads", "context", "positions", "norm", "head",
-      "ffn-hidden", "experts", "expert-heads", "top-k", "key-dim", "query-norm", "moe-experts", "moe-hidden", "moe-top-k",
+      "ffn-hidden", "experts", "expert-heads", "top-k", "key-dim", "query-norm", "expert-storage", "table-optimizer",
+      "moment-storage", "moe-experts", "moe-hidden", "moe-top-k",
       "moe-routing", "moe-balance", "steps", "flops", "batch", "lr", "expert-lr", "weight-decay", "warmup", "min-lr-factor",
       "clip", "seed", "threads", "eval-every", "evals", "eval-windows", "final-eval-windows", "log", "summary", "checkpoint",
       "save-every", "prompt", "sample-bytes", "temperature", "sample-top-k"};
@@ -112,6 +116,12 @@ Args parse(int argc, char** argv) {
     a.values[arg] = argv[++i];
   }
   return a;
+}
+
+peer::TableStorage storage_from_string(const std::string& option, const std::string& value) {
+  if (value == "native") return peer::TableStorage::kNative;
+  if (value == "bfloat16") return peer::TableStorage::kBFloat16;
+  throw std::invalid_argument("--" + option + " = " + value + " must be native or bfloat16");
 }
 
 lm::LmConfig make_config(const Args& a) {
@@ -145,6 +155,7 @@ lm::LmConfig make_config(const Args& a) {
     if (a.has("top-k")) p->top_k = p->sub_key_top_k = a.integer("top-k", 0);
     if (a.has("key-dim")) p->key_dim = a.integer("key-dim", 0);
     if (a.has("query-norm")) p->query_norm = peer::query_norm_from_string(a.str("query-norm", ""));
+    if (a.has("expert-storage")) p->expert_storage = storage_from_string("expert-storage", a.str("expert-storage", ""));
     p->sub_key_top_k = std::min<peer::Index>(p->sub_key_top_k, p->num_sub_keys());
   }
   if (a.has("moe-experts")) c.moe.num_experts = a.integer("moe-experts", 0);
@@ -166,6 +177,18 @@ lm::TrainOptions make_options(const Args& a) {
   o.warmup = a.integer("warmup", o.warmup);
   o.min_lr_factor = a.real("min-lr-factor", o.min_lr_factor);
   o.clip = a.real("clip", o.clip);
+  if (a.has("moment-storage")) o.moment_storage = storage_from_string("moment-storage", a.str("moment-storage", ""));
+  if (a.has("table-optimizer")) {
+    const std::string r = a.str("table-optimizer", "");
+    bool found = false;
+    for (auto t : {peer::TableOptimizer::kDefault, peer::TableOptimizer::kPartialRowWiseAdam, peer::TableOptimizer::kRowWiseAdagrad}) {
+      if (r == peer::to_string(t)) {
+        o.table_optimizer = t;
+        found = true;
+      }
+    }
+    if (!found) throw std::invalid_argument("--table-optimizer = " + r + " must be default, partial_row_wise_adam or row_wise_adagrad");
+  }
   o.seed = static_cast<std::uint64_t>(a.integer("seed", 1));
   o.eval_every = a.integer("eval-every", o.eval_every);
   o.evals = a.integer("evals", 0);
@@ -297,6 +320,8 @@ int main(int argc, char** argv) try {
         << ", \"training_flops_per_token\": " << model.training_flops_per_token() << ",\n"
         << "  \"steps\": " << trainer.step() << ", \"tokens\": " << run_tokens
         << ", \"flops\": " << static_cast<double>(trainer.step()) * trainer.flops_per_step() << ",\n"
+        << "  \"expert_storage\": \"" << peer::to_string(config.peer.expert_storage) << "\", \"table_optimizer\": \""
+        << peer::to_string(options.table_optimizer) << "\", \"moment_storage\": \"" << peer::to_string(options.moment_storage) << "\",\n"
         << "  \"lr\": " << options.lr << ", \"expert_lr\": " << options.expert_lr << ", \"seed\": " << options.seed
         << ", \"threads\": " << threads << ",\n"
         << "  \"train_loss\": " << trainer.last_train_loss() << ", \"val_loss\": " << result.loss

@@ -45,6 +45,9 @@ struct TrainOptions {
   std::string log_csv;           ///< one line per evaluation: step, tokens, FLOPs, losses, seconds, evaluated bytes
                                  ///< (the last line is the final evaluation)
   bool progress = true;          ///< the progress bar on stdout
+  /// The expert / value tables' optimizer state (peer/optim/adam.hpp; docs/storage.md).
+  peer::TableOptimizer table_optimizer = peer::TableOptimizer::kDefault;
+  peer::TableStorage moment_storage = peer::TableStorage::kNative;
 };
 
 /// What an evaluation measured.
@@ -324,6 +327,9 @@ class Trainer {
   std::vector<peer::ParamGroup> groups(const peer::ParameterLayout& layout, const peer::LrSchedule& schedule) const {
     // Tables by kind; vectors ([1, F]: norms, biases) and sub-keys without decay; the other matrices with it.
     peer::ParamGroup tables{"tables", {""}, options_.expert_lr, 0.0, peer::LrSchedule::constant(), peer::GroupKinds::kTables};
+    tables.table_optimizer = options_.table_optimizer;
+    tables.moment_storage = options_.moment_storage;
+    tables.rounding_seed = options_.seed;
     peer::ParamGroup plain{"no_decay", {"*.sub_keys.*"}, options_.lr, 0.0, schedule, peer::GroupKinds::kDense};
     peer::ParamGroup decay{"decay", {}, options_.lr, options_.weight_decay, schedule, peer::GroupKinds::kDense};
     for (const auto& s : layout.dense()) {

@@ -72,6 +72,8 @@ struct RowScatterWorkspace {
 /// For every row r touched by `ids` (values in [0, num_rows)): grad[r] += sum over items i with
 /// ids = r, in ascending i, of the contribution `add_item(i, row)` writes into `row` (an Eigen row
 /// expression of `cols` scalars, zeroed before the first item: add_item must ADD).
+/// With a sink on `grad` (fused table updates) each summed row goes to sink->update_row instead, the same
+/// sum in the same order, and nothing is stored.
 template <typename Scalar, typename AddItem>
 void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSparseGrad<Scalar>& grad,
                   RowScatterWorkspace<Scalar>& ws, AddItem&& add_item) {
@@ -82,6 +84,30 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   }
   group_by_key(ws.keys.data(), items, num_rows, ws.groups);
   const KeyGroups& g = ws.groups;
+  // Each row is summed in a buffer that stays in L1 (over its items in ascending order), then handed to
+  // finish(group, buffer, thread): to the fused sink, or stored into the gradient.
+  using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
+  ws.buffers.resize(parallel_threads(), cols);
+  auto sum_rows = [&](auto&& finish) {
+    parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int thread) {
+      Scalar* buffer = ws.buffers.row(thread).data();
+      for (Index gi = g0; gi < g1; ++gi) {
+        Eigen::Map<RowVec> row(buffer, cols);
+        row.setZero();
+        for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
+          add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
+        }
+        finish(gi, buffer, thread);
+      }
+      streaming_fence();
+    });
+  };
+  if (RowSink<Scalar>* sink = grad.sink()) {
+    grad.begin_fused_backward();
+    sink->prepare(parallel_threads());
+    sum_rows([&](Index gi, const Scalar* buffer, int thread) { sink->update_row(g.keys[static_cast<std::size_t>(gi)], buffer, thread); });
+    return;
+  }
   const bool direct = grad.empty();
   if (direct) {
     grad.reserve_rows(std::min(items, num_rows));  // the most rows a batch of this size can touch
@@ -90,25 +116,13 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   }
   MatrixMap<Scalar> out(direct ? grad.reset(g.keys).data() : ws.rows.data(), g.num_groups(), cols,
                         Eigen::OuterStride<>(cols));
-  // Each row is summed in a buffer that stays in L1, then stored: streamed into the gradient, plainly into
-  // the aside rows (which the merge reads at once).
-  using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
-  ws.buffers.resize(parallel_threads(), cols);
-  parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int thread) {
-    Scalar* buffer = ws.buffers.row(thread).data();
-    for (Index gi = g0; gi < g1; ++gi) {
-      Eigen::Map<RowVec> row(buffer, cols);
-      row.setZero();
-      for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
-        add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
-      }
-      if (direct) {
-        store_streaming(out.row(gi).data(), buffer, cols);
-      } else {
-        out.row(gi) = row;
-      }
+  // Stored: streamed into the gradient, plainly into the aside rows (which the merge reads at once).
+  sum_rows([&](Index gi, const Scalar* buffer, int) {
+    if (direct) {
+      store_streaming(out.row(gi).data(), buffer, cols);
+    } else {
+      out.row(gi) = Eigen::Map<const RowVec>(buffer, cols);
     }
-    streaming_fence();
   });
   if (!direct) grad.add(g.keys, ws.rows.data());
 }

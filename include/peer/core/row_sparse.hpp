@@ -8,12 +8,30 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "peer/core/error.hpp"
 #include "peer/core/types.hpp"
 
 namespace peer {
+
+/// Where a fused table update sends each summed gradient row (an optimizer; see
+/// Adam::fuse_table_updates): update_row applies the optimizer's rule to row `row` with gradient g
+/// (cols scalars) at once, from thread `thread` < the threads prepare() was told of.
+template <typename Scalar>
+class RowSink {
+ public:
+  /// Called once per backward, before any row, with parallel_threads(): scratch is made here.
+  virtual void prepare(int threads) = 0;
+  virtual void update_row(ExpertId row, const Scalar* g, int thread) = 0;
+  /// The table's name, for messages.
+  virtual const std::string& table_name() const = 0;
+
+ protected:
+  ~RowSink() = default;
+};
 
 /// Rows of a [num_rows, cols] gradient that are not zero: ids strictly ascending, values [size(), cols]
 /// with values row r belonging to ids()[r]. Memory grows with the rows touched, never with num_rows.
@@ -45,6 +63,26 @@ class RowSparseGrad {
   /// Drops every row; keeps the allocated memory for the next batch.
   void clear() { ids_.clear(); }
 
+  /// Fused updates: with a sink set, the backward hands every summed row to it instead of storing it, so
+  /// this gradient stays empty. One backward per optimizer step: the sink's optimizer calls
+  /// end_fused_step() in its step(); a second backward before that (gradient accumulation, or a table
+  /// shared by two layers) is refused by begin_fused_backward().
+  void set_sink(RowSink<Scalar>* sink) {
+    sink_ = sink;
+    fused_this_step_ = false;
+  }
+  RowSink<Scalar>* sink() const { return sink_; }
+  void begin_fused_backward() {
+    if (fused_this_step_) {
+      throw std::logic_error("fused table update: table '" + sink_->table_name() +
+                             "' was already updated by a backward since the optimizer's last step; fused updates "
+                             "need exactly one backward per step (no gradient accumulation, no table shared by "
+                             "two layers): use the unfused path for those");
+    }
+    fused_this_step_ = true;
+  }
+  void end_fused_step() { fused_this_step_ = false; }
+
   /// Makes room for `rows` rows without moving the stored ones again until a batch touches more. The
   /// memory is only reserved: pages the rows never reach are never touched, so reserving the most rows a
   /// batch can touch (scatter_rows does) costs address space, not resident memory, and spares every
@@ -66,6 +104,7 @@ class RowSparseGrad {
   /// grows only when a batch touches more rows than any before it.
   MatrixMap<Scalar> reset(const std::vector<ExpertId>& ids) {
     PEER_ASSERT(std::is_sorted(ids.begin(), ids.end()));
+    refuse_if_fused();
     ids_ = ids;
     reserve_values(static_cast<std::size_t>(size() * cols_));
     return values();
@@ -75,6 +114,7 @@ class RowSparseGrad {
   /// elementwise (existing + new, in that order); new ids are inserted in order.
   void add(const std::vector<ExpertId>& ids, const Scalar* rows) {
     if (ids.empty()) return;
+    refuse_if_fused();
     if (empty()) {
       reset(ids);
       std::memcpy(values_.get(), rows, static_cast<std::size_t>(size() * cols_) * sizeof(Scalar));
@@ -108,6 +148,13 @@ class RowSparseGrad {
   }
 
  private:
+  void refuse_if_fused() const {
+    if (sink_ != nullptr) {
+      throw std::logic_error("RowSparseGrad: rows given to the gradient of table '" + sink_->table_name() +
+                             "', whose updates are fused into the backward (its gradient is never stored)");
+    }
+  }
+
   // Capacity for n scalars, contents unspecified (new Scalar[] leaves float and double uninitialized).
   // Grows by at least half, so that batches touching slowly more rows do not reallocate every time.
   void reserve_values(std::size_t n) {
@@ -121,6 +168,8 @@ class RowSparseGrad {
   std::vector<ExpertId> ids_;
   std::unique_ptr<Scalar[]> values_;
   std::size_t capacity_ = 0;
+  RowSink<Scalar>* sink_ = nullptr;
+  bool fused_this_step_ = false;
 };
 
 }  // namespace peer

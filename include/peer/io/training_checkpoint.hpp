@@ -78,7 +78,13 @@ class TrainingCheckpoint {
   /// "<prefix>.<state name>"; for example "adam.adam.m.experts" and "adam.optimizer.step".
   template <typename Optimizer>
   void add_optimizer(const std::string& prefix, Optimizer& optimizer) {
-    for (const auto& s : optimizer.state_tensors()) add_tensor(join(prefix, s.name), s.data, s.rows, s.cols);
+    for (const auto& s : optimizer.state_tensors()) {
+      if (s.bf16 != nullptr) {
+        add_tensor(join(prefix, s.name), s.bf16, s.rows, s.cols);
+      } else {
+        add_tensor(join(prefix, s.name), s.data, s.rows, s.cols);
+      }
+    }
     for (const auto& c : optimizer.state_counters()) add_tensor(join(prefix, c.name), c.data, c.size, Index{1});
   }
 

@@ -17,12 +17,29 @@
 /// updated. With every row touched at every step it is exactly dense Adam (tested bitwise).
 /// The moments of a table are stored densely ([N, cols] each, 2x the table): memory is O(N) state, time
 /// per step is not.
+///
+/// Per ParamGroup, a table may keep less state (ParamGroup::table_optimizer, moment_storage), as FBGEMM's
+/// table-batched embeddings do; all lazy in the same way, with the same per-row step t_r:
+/// - moments in bfloat16 (moment_storage = kBFloat16): the update above computed in Scalar on the widened
+///   m and v, both written back with stochastic rounding (unbiased, so v's small per-step changes survive;
+///   keyed by the rounding seed, table, step, row and column like the rows themselves). 4 bytes per entry
+///   instead of 8.
+/// - partial row-wise Adam (kPartialRowWiseAdam): m per entry, one v_r per row,
+///     v_r = b2 v_r + (1 - b2) mean_j g'_j^2,   p_j -= lr (m_j / (1 - b1^t_r)) / (sqrt(v_r / (1 - b2^t_r)) + eps)
+///   (m in Scalar or bfloat16): 4 or 2 bytes per entry plus 12 per row.
+/// - row-wise Adagrad (kRowWiseAdagrad): one accumulator G_r per row, no m, no bias correction,
+///     G_r += mean_j g'_j^2,   p_j -= lr g'_j / (sqrt(G_r) + eps)
+///   4 bytes per row.
+/// Every rule also keeps the 8-byte step count t_r per row.
+/// Weight decay enters each of them as in Adam (L2 into g', or decoupled p -= lr wd p first). The means of
+/// g'^2 are summed over the row in order (deterministic).
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "peer/core/aligned_buffer.hpp"
+#include "peer/core/bfloat16.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/optim/optimizer_core.hpp"
@@ -57,9 +74,28 @@ class Adam : public detail::OptimizerCore<Scalar> {
     if (!(config.epsilon > 0.0)) detail::throw_invalid("AdamConfig.epsilon", config.epsilon, "must be > 0");
     m_dense_ = AlignedBuffer<Scalar>(layout.dense_size());
     v_dense_ = AlignedBuffer<Scalar>(layout.dense_size());
-    for (const auto& s : layout.tables()) {
-      m_tables_.emplace_back(s.size());
-      v_tables_.emplace_back(s.size());
+    for (std::size_t t = 0; t < layout.tables().size(); ++t) {
+      const auto& s = layout.tables()[t];
+      const ParamGroup& g = this->table_group(t);
+      TableState st;
+      st.rule = g.table_optimizer;
+      st.bf16_moments = g.moment_storage == TableStorage::kBFloat16;
+      if (st.bf16_moments && st.rule == TableOptimizer::kRowWiseAdagrad) {
+        throw std::invalid_argument("ParamGroup '" + g.name + "': moment_storage = bfloat16 has no moments to store with " +
+                                    "table_optimizer = row_wise_adagrad (its state is one Scalar per row)");
+      }
+      const bool has_m = st.rule != TableOptimizer::kRowWiseAdagrad;
+      const bool v_per_entry = st.rule == TableOptimizer::kDefault;
+      const Index m_size = has_m ? s.size() : 0, v_size = v_per_entry ? s.size() : s.rows;
+      if (st.bf16_moments) {
+        st.m16 = AlignedBuffer<bfloat16>(m_size);
+        st.v16 = AlignedBuffer<bfloat16>(v_per_entry ? v_size : 0);
+        if (!v_per_entry) st.v = AlignedBuffer<Scalar>(v_size);
+      } else {
+        st.m = AlignedBuffer<Scalar>(m_size);
+        st.v = AlignedBuffer<Scalar>(v_size);
+      }
+      tables_.push_back(std::move(st));
       row_steps_.emplace_back(static_cast<std::size_t>(s.rows), 0);
     }
   }
@@ -80,17 +116,7 @@ class Adam : public detail::OptimizerCore<Scalar> {
       Scalar* v = v_dense_.data() + spec.offset;
       parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(c, p, g, m, v, b, e); });
     }
-    for (std::size_t tb = 0; tb < layout.tables().size(); ++tb) {
-      const auto& grad = grads.table(TableHandle{static_cast<int>(tb)});
-      const Index cols = layout.tables()[tb].cols;
-      const Scalar lr = this->lr_table(tb), wd = this->wd_table(tb);
-      std::int64_t* steps = row_steps_[tb].data();
-      this->update_table_rows(params, grads, tb, [&](Scalar* p, Index r) {
-        const Index row = grad.ids()[static_cast<std::size_t>(r)];
-        const Coefficients c = coefficients(lr, wd, ++steps[row]);
-        update(c, p, grad.values().row(r).data(), m_tables_[tb].data() + row * cols, v_tables_[tb].data() + row * cols, 0, cols);
-      });
-    }
+    this->update_tables(params, grads);
   }
 
   /// Step count of a table's row (lazy Adam), for inspection.
@@ -99,13 +125,24 @@ class Adam : public detail::OptimizerCore<Scalar> {
   std::vector<StateTensor<Scalar>> state_tensors() {
     std::vector<StateTensor<Scalar>> out;
     for (const auto& s : this->layout().dense()) {
-      out.push_back({"adam.m." + s.name, s.rows, s.cols, m_dense_.data() + s.offset});
-      out.push_back({"adam.v." + s.name, s.rows, s.cols, v_dense_.data() + s.offset});
+      out.push_back({"adam.m." + s.name, s.rows, s.cols, m_dense_.data() + s.offset, nullptr});
+      out.push_back({"adam.v." + s.name, s.rows, s.cols, v_dense_.data() + s.offset, nullptr});
     }
     for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
       const auto& s = this->layout().tables()[t];
-      out.push_back({"adam.m." + s.name, s.rows, s.cols, m_tables_[t].data()});
-      out.push_back({"adam.v." + s.name, s.rows, s.cols, v_tables_[t].data()});
+      TableState& st = tables_[t];
+      if (st.rule != TableOptimizer::kRowWiseAdagrad) {
+        out.push_back({"adam.m." + s.name, s.rows, s.cols, st.bf16_moments ? nullptr : st.m.data(),
+                       st.bf16_moments ? st.m16.data() : nullptr});
+      }
+      if (st.rule == TableOptimizer::kDefault) {
+        out.push_back({"adam.v." + s.name, s.rows, s.cols, st.bf16_moments ? nullptr : st.v.data(),
+                       st.bf16_moments ? st.v16.data() : nullptr});
+      } else if (st.rule == TableOptimizer::kPartialRowWiseAdam) {
+        out.push_back({"adam.row_v." + s.name, s.rows, 1, st.v.data(), nullptr});
+      } else {
+        out.push_back({"adagrad.row_sum." + s.name, s.rows, 1, st.v.data(), nullptr});
+      }
     }
     std::vector<StateCounter> unused;
     this->add_table_state(out, unused);
@@ -123,6 +160,47 @@ class Adam : public detail::OptimizerCore<Scalar> {
   }
 
  private:
+  void prepare_table(std::size_t tb, int threads) override {
+    TableState& st = tables_[tb];
+    const std::size_t need = static_cast<std::size_t>(threads) * static_cast<std::size_t>(2 * this->layout().tables()[tb].cols);
+    if (st.bf16_moments && st.scratch.size() < need) st.scratch.assign(need, Scalar(0));  // once per thread count
+  }
+
+  // The table rules on one row (see the file comment); row steps are lazy Adam's t_r.
+  void update_table_row(std::size_t tb, Scalar* p, ExpertId row, const Scalar* g, int thread) override {
+    const Index cols = this->layout().tables()[tb].cols;
+    TableState& st = tables_[tb];
+    const Coefficients c = coefficients(this->table_lr(tb), this->wd_table(tb), ++row_steps_[tb][static_cast<std::size_t>(row)]);
+    if (st.rule == TableOptimizer::kRowWiseAdagrad) {
+      update_row_wise_adagrad(c, p, g, st.v.data() + row, cols);
+      return;
+    }
+    // m (and v) of the row in Scalar: in place, or widened into this thread's scratch.
+    Scalar* m = st.bf16_moments ? st.scratch.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(2 * cols)
+                                : st.m.data() + row * cols;
+    Scalar* v = nullptr;
+    if (st.bf16_moments) {
+      detail::widen_row(st.m16.data() + row * cols, m, cols);
+      if (st.rule == TableOptimizer::kDefault) {
+        v = m + cols;
+        detail::widen_row(st.v16.data() + row * cols, v, cols);
+      }
+    } else if (st.rule == TableOptimizer::kDefault) {
+      v = st.v.data() + row * cols;
+    }
+    if (st.rule == TableOptimizer::kDefault) {
+      update(c, p, g, m, v, 0, cols);
+    } else {
+      update_partial_row_wise(c, p, g, m, st.v.data() + row, cols);
+    }
+    if (st.bf16_moments) {
+      // Columns [cols, 3 cols) of the row's rounding stream: the parameters use [0, cols).
+      const detail::RoundingStream stream = this->rounding_stream(tb, row);
+      detail::narrow_row_stochastic(m, st.m16.data() + row * cols, cols, stream, static_cast<std::uint32_t>(cols));
+      if (v != nullptr) detail::narrow_row_stochastic(v, st.v16.data() + row * cols, cols, stream, static_cast<std::uint32_t>(2 * cols));
+    }
+  }
+
   struct Coefficients {
     Scalar lr, wd, b1, b2, eps, inv_c1, inv_c2;
     bool decoupled;
@@ -179,9 +257,51 @@ class Adam : public detail::OptimizerCore<Scalar> {
     p -= c.lr * (m * c.inv_c1) / ((v * c.inv_c2).sqrt() + c.eps);
   }
 
+  // Partial row-wise Adam on one row: m per entry, *v_row its one v (see the file comment).
+  static void update_partial_row_wise(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar* v_row, Index cols) {
+    Scalar sum_sq = 0;
+    for (Index j = 0; j < cols; ++j) {
+      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
+      sum_sq += gj * gj;
+    }
+    *v_row = c.b2 * *v_row + (Scalar(1) - c.b2) * (sum_sq / static_cast<Scalar>(cols));
+    const Scalar denom = std::sqrt(*v_row * c.inv_c2) + c.eps;
+    for (Index j = 0; j < cols; ++j) {
+      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
+      if (c.decoupled) p[j] -= (c.lr * c.wd) * p[j];
+      m[j] = c.b1 * m[j] + (Scalar(1) - c.b1) * gj;
+      p[j] -= c.lr * (m[j] * c.inv_c1) / denom;
+    }
+  }
+
+  // Row-wise Adagrad on one row: *sum its accumulator of mean squared gradients.
+  static void update_row_wise_adagrad(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* sum, Index cols) {
+    Scalar sum_sq = 0;
+    for (Index j = 0; j < cols; ++j) {
+      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
+      sum_sq += gj * gj;
+    }
+    *sum += sum_sq / static_cast<Scalar>(cols);
+    const Scalar denom = std::sqrt(*sum) + c.eps;
+    for (Index j = 0; j < cols; ++j) {
+      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
+      if (c.decoupled) p[j] -= (c.lr * c.wd) * p[j];
+      p[j] -= c.lr * gj / denom;
+    }
+  }
+
+  // One table's optimizer state: which rule, and its buffers (only those the rule uses are non-empty).
+  struct TableState {
+    TableOptimizer rule = TableOptimizer::kDefault;
+    bool bf16_moments = false;
+    AlignedBuffer<Scalar> m, v;        // m [N, cols]; v [N, cols] (default rule) or [N] (row-wise rules)
+    AlignedBuffer<bfloat16> m16, v16;  // the same in bf16
+    std::vector<Scalar> scratch;       // per thread: a row's widened m and v
+  };
+
   AdamConfig config_;
   AlignedBuffer<Scalar> m_dense_, v_dense_;
-  std::vector<AlignedBuffer<Scalar>> m_tables_, v_tables_;
+  std::vector<TableState> tables_;
   std::vector<std::vector<std::int64_t>> row_steps_;
 };
 

@@ -29,6 +29,22 @@ enum class GroupKinds {
   kTables,  ///< row-sparse tables only (expert tables, memory values)
 };
 
+/// The rule a group's tables are trained with (FBGEMM's names; peer/optim/adam.hpp gives the equations).
+enum class TableOptimizer : std::uint8_t {
+  kDefault = 0,             ///< the optimizer's own rule (Adam: m and v per entry; Sgd: SGD)
+  kPartialRowWiseAdam = 1,  ///< Adam with m per entry and ONE v per row (the mean of the row's g^2); Adam only
+  kRowWiseAdagrad = 2,      ///< Adagrad with one accumulator per row (the mean of the row's g^2); Adam only
+};
+
+inline const char* to_string(TableOptimizer t) {
+  switch (t) {
+    case TableOptimizer::kDefault: return "default";
+    case TableOptimizer::kPartialRowWiseAdam: return "partial_row_wise_adam";
+    case TableOptimizer::kRowWiseAdagrad: return "row_wise_adagrad";
+  }
+  return "unknown";
+}
+
 /// A group of tensors trained with the same settings. A tensor belongs to the first group whose `kinds`
 /// admit it and one of whose `prefixes` matches its name. A pattern without '*' matches the names it is
 /// a prefix of ("" matches every name); a pattern with '*' matches whole names, '*' standing for any run
@@ -44,6 +60,10 @@ struct ParamGroup {
   /// the seed of the stochastic rounding's random stream.
   Bf16Rounding bf16_rounding = Bf16Rounding::kStochastic;
   std::uint64_t rounding_seed = 0;
+  /// Tables: the update rule, and how Adam's per-entry moments are stored (kBFloat16: half the bytes,
+  /// written back with stochastic rounding keyed like the rows'). Dense tensors are not affected.
+  TableOptimizer table_optimizer = TableOptimizer::kDefault;
+  TableStorage moment_storage = TableStorage::kNative;
 };
 
 /// The usual split for memory layers (PKM, Memory Layers at Scale): every row-sparse table (PEER's
@@ -85,6 +105,7 @@ struct StateTensor {
   Index rows = 0;
   Index cols = 0;
   Scalar* data = nullptr;
+  bfloat16* bf16 = nullptr;  ///< instead of data, for state stored as bfloat16
 };
 
 /// A named array of step counters (the global step, per-row steps of lazy Adam), for checkpoints.
@@ -133,8 +154,17 @@ inline GroupAssignment assign_groups(const ParameterLayout& layout, const std::v
 
 /// Global L2 norm of all gradients: dense ones and the stored rows of row-sparse ones (each row is stored
 /// once, so duplicates from several tokens are already summed). Accumulated in double, in a fixed order.
+/// Throws std::logic_error for a table whose updates are fused into the backward: its gradient never
+/// exists, so no global norm can include it.
 template <typename Scalar>
 double gradient_norm(const Gradients<Scalar>& grads) {
+  for (std::size_t t = 0; t < grads.layout().tables().size(); ++t) {
+    if (grads.table(TableHandle{static_cast<int>(t)}).sink() != nullptr) {
+      throw std::logic_error("gradient_norm / clip_gradient_norm: the updates of table '" + grads.layout().tables()[t].name +
+                             "' are fused into the backward, so its gradient is never stored and a global norm cannot "
+                             "include it; train with the unfused path (unfuse_table_updates) to clip");
+    }
+  }
   double sum = 0.0;
   const Scalar* d = grads.dense_data();
   for (Index i = 0; i < grads.layout().dense_size(); ++i) sum += static_cast<double>(d[i]) * static_cast<double>(d[i]);

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,6 +29,8 @@ class OptimizerCore {
       const auto& group = groups_[static_cast<std::size_t>(assignment_.tables[t])];
       writers_.emplace_back(layout_.tables()[t], group.bf16_rounding, group.rounding_seed);
     }
+    table_step_.assign(layout_.tables().size(), 0);
+    table_lr_.assign(layout_.tables().size(), Scalar(0));
   }
 
   const ParameterLayout& layout() const { return layout_; }
@@ -67,6 +70,45 @@ class OptimizerCore {
     return -1;
   }
 
+  /// Fused table updates (opt-in): from now on each backward into `grads` updates every table row as soon
+  /// as it has summed the row's gradient, and no table gradient is stored; step(params, grads) then
+  /// updates the dense tensors and closes the step. Rows get exactly the update step() would give them
+  /// (bitwise: the same sums, the same rule, the same step). Refused on the way, with a message: a second
+  /// backward before step() (gradient accumulation, a table shared by two layers), rows added to a table
+  /// gradient by other code, a global clip (clip_gradient_norm) and step() with other params or grads.
+  /// The optimizer must stay where it is (not be moved) while fused.
+  void fuse_table_updates(Parameters<Scalar>& params, Gradients<Scalar>& grads) {
+    if (params.layout() != layout_) throw std::invalid_argument("fuse_table_updates: params have a different layout than the optimizer");
+    if (grads.layout() != layout_) throw std::invalid_argument("fuse_table_updates: grads have a different layout than the optimizer");
+    unfuse_table_updates();
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      const TableHandle h{static_cast<int>(t)};
+      if (!grads.table(h).empty()) {
+        throw std::invalid_argument("fuse_table_updates: the gradient of table '" + layout_.tables()[t].name + "' holds rows; call it after zero()");
+      }
+      sinks_.push_back(std::make_unique<FusedSink>(this, &params, t, layout_.tables()[t].name));
+      grads.table(h).set_sink(sinks_.back().get());
+    }
+    fused_params_ = &params;
+    fused_grads_ = &grads;
+  }
+  /// Back to the ordinary path (table gradients stored, updated in step()).
+  void unfuse_table_updates() {
+    if (fused_grads_ != nullptr) {
+      for (std::size_t t = 0; t < layout_.tables().size(); ++t) fused_grads_->table(TableHandle{static_cast<int>(t)}).set_sink(nullptr);
+    }
+    sinks_.clear();
+    fused_params_ = nullptr;
+    fused_grads_ = nullptr;
+  }
+  bool fused() const { return fused_grads_ != nullptr; }
+
+  virtual ~OptimizerCore() = default;
+  OptimizerCore(OptimizerCore&&) noexcept = default;
+  OptimizerCore& operator=(OptimizerCore&&) noexcept = default;
+  OptimizerCore(const OptimizerCore&) = delete;
+  OptimizerCore& operator=(const OptimizerCore&) = delete;
+
  protected:
   void begin_step(const Parameters<Scalar>& params, const Gradients<Scalar>& grads) {
     if (params.layout() != layout_) throw std::invalid_argument("optimizer: params have a different layout than the optimizer");
@@ -74,34 +116,100 @@ class OptimizerCore {
     ++step_;
   }
   Scalar lr_dense(std::size_t i) const { return static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.dense[i]), step_)); }
-  Scalar lr_table(std::size_t t) const { return static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.tables[t]), step_)); }
   Scalar wd_dense(std::size_t i) const { return static_cast<Scalar>(groups_[static_cast<std::size_t>(assignment_.dense[i])].weight_decay); }
   Scalar wd_table(std::size_t t) const { return static_cast<Scalar>(groups_[static_cast<std::size_t>(assignment_.tables[t])].weight_decay); }
   StateCounter step_counter() { return {"optimizer.step", 1, &step_}; }
 
-  /// Calls update(p, r) for every row r of table t's gradient, p being that row in Scalar (a master row,
-  /// a widened copy of a bf16 row, or the row itself), and writes bf16 rows back as the table's group
-  /// asks (peer/optim/table_rounding.hpp). Rows are updated in parallel.
-  template <typename Update>
-  void update_table_rows(Parameters<Scalar>& params, const Gradients<Scalar>& grads, std::size_t t, Update&& update) {
-    const TableHandle h{static_cast<int>(t)};
-    writers_[t].for_each_row(params.table(h), grads.table(h), step_, update);
+  /// Each optimizer's rule for one table row: p is row `row` of table t in Scalar (the row itself, its
+  /// master, or a widened copy of a bf16 row: write the updated values into it), g its summed gradient,
+  /// `thread` < the thread count prepare_table was given. table_lr(t) and rounding_stream(t, row) belong
+  /// to the update in progress.
+  virtual void update_table_row(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int thread) = 0;
+  /// Called before a table's rows are updated: per-thread scratch of the optimizer's own.
+  virtual void prepare_table(std::size_t /*t*/, int /*threads*/) {}
+
+  /// The table half of step(): every row of every table gradient through update_table_row, in parallel,
+  /// written back as the table's storage asks (peer/optim/table_rounding.hpp). Tables whose updates are
+  /// fused were updated in the backward already: they only close the step.
+  void update_tables(Parameters<Scalar>& params, const Gradients<Scalar>& grads) {
+    if (fused() && (&params != fused_params_ || &grads != fused_grads_)) {
+      throw std::invalid_argument("optimizer: step() got other params or grads than fuse_table_updates() was given");
+    }
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      const TableHandle h{static_cast<int>(t)};
+      if (fused()) {
+        fused_grads_->table(h).end_fused_step();
+        continue;
+      }
+      auto& table = params.table(h);
+      const auto& grad = grads.table(h);
+      begin_table(t, step_, table, parallel_threads());
+      parallel_for(grad.size(), 64, [&](Index r0, Index r1, int thread) {
+        for (Index r = r0; r < r1; ++r) {
+          const ExpertId row = grad.ids()[static_cast<std::size_t>(r)];
+          const Scalar* g = grad.values().row(r).data();
+          writers_[t].update_row(table, row, step_, thread, [&](Scalar* p) { update_table_row(t, p, row, g, thread); });
+        }
+      });
+    }
   }
+  /// The group table t belongs to.
+  const ParamGroup& table_group(std::size_t t) const { return groups_[static_cast<std::size_t>(assignment_.tables[t])]; }
+  /// The learning rate of table t's update in progress (its group's, at that update's step).
+  Scalar table_lr(std::size_t t) const { return table_lr_[t]; }
+  /// The rounding stream of table t's row `row` in the update in progress (columns [0, cols) round the row).
+  RoundingStream rounding_stream(std::size_t t, Index row) const { return writers_[t].stream(table_step_[t], row); }
+
   /// The master rows of bf16 tables trained with kMasterRows, and whether they are filled: optimizer state.
   void add_table_state(std::vector<StateTensor<Scalar>>& tensors, std::vector<StateCounter>& counters) {
     for (std::size_t t = 0; t < writers_.size(); ++t) {
       if (!writers_[t].has_master()) continue;
       const auto& s = layout_.tables()[t];
-      tensors.push_back({"bf16.master." + s.name, s.rows, s.cols, writers_[t].master()});
+      tensors.push_back({"bf16.master." + s.name, s.rows, s.cols, writers_[t].master(), nullptr});
       counters.push_back({"bf16.master_ready." + s.name, 1, writers_[t].master_ready()});
     }
   }
 
  private:
+  // Starts an update of table t at `step`: its learning rate, the write-back's and the optimizer's scratch.
+  void begin_table(std::size_t t, std::int64_t step, const RowTable<Scalar>& table, int threads) {
+    table_step_[t] = step;
+    table_lr_[t] = static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.tables[t]), step));
+    writers_[t].prepare(table, threads);
+    prepare_table(t, threads);
+  }
+
+  // What a fused backward hands its rows to: the update step() would make, at the step about to come.
+  class FusedSink final : public RowSink<Scalar> {
+   public:
+    FusedSink(OptimizerCore* core, Parameters<Scalar>* params, std::size_t t, std::string name)
+        : core_(core), params_(params), t_(t), name_(std::move(name)) {}
+    void prepare(int threads) override {
+      core_->begin_table(t_, core_->step_ + 1, params_->table(TableHandle{static_cast<int>(t_)}), threads);
+    }
+    void update_row(ExpertId row, const Scalar* g, int thread) override {
+      auto& table = params_->table(TableHandle{static_cast<int>(t_)});
+      core_->writers_[t_].update_row(table, row, core_->table_step_[t_], thread,
+                                     [&](Scalar* p) { core_->update_table_row(t_, p, row, g, thread); });
+    }
+    const std::string& table_name() const override { return name_; }
+
+   private:
+    OptimizerCore* core_;
+    Parameters<Scalar>* params_;
+    std::size_t t_;
+    std::string name_;
+  };
+
   ParameterLayout layout_;
   std::vector<ParamGroup> groups_;
   GroupAssignment assignment_;
   std::vector<TableRowWriter<Scalar>> writers_;
+  std::vector<std::int64_t> table_step_;
+  std::vector<Scalar> table_lr_;
+  std::vector<std::unique_ptr<FusedSink>> sinks_;
+  Parameters<Scalar>* fused_params_ = nullptr;
+  Gradients<Scalar>* fused_grads_ = nullptr;
   std::int64_t step_ = 0;
 };
 

@@ -27,6 +27,15 @@ class Sgd : public detail::OptimizerCore<Scalar> {
   Sgd(const ParameterLayout& layout, std::vector<ParamGroup> groups, double momentum = 0.0)
       : Core(layout, std::move(groups)), momentum_(momentum) {
     if (!(momentum >= 0.0 && momentum < 1.0)) detail::throw_invalid("Sgd momentum", momentum, "must be in [0, 1)");
+    for (const auto& g : this->groups()) {
+      if (g.table_optimizer != TableOptimizer::kDefault) {
+        throw std::invalid_argument("ParamGroup '" + g.name + "'.table_optimizer = " + to_string(g.table_optimizer) +
+                                    " needs Adam; Sgd trains tables with SGD only (default)");
+      }
+      if (g.moment_storage != TableStorage::kNative) {
+        throw std::invalid_argument("ParamGroup '" + g.name + "'.moment_storage = bfloat16: Sgd keeps no moments (its momentum buffer is Scalar)");
+      }
+    }
     if (momentum_ > 0.0) {
       dense_buf_ = AlignedBuffer<Scalar>(layout.dense_size());
       for (const auto& s : layout.tables()) table_buf_.emplace_back(s.size());
@@ -48,25 +57,16 @@ class Sgd : public detail::OptimizerCore<Scalar> {
       Scalar* buf = mu > 0 ? dense_buf_.data() + spec.offset : nullptr;
       parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(p, g, buf, b, e, lr, wd, mu); });
     }
-    for (std::size_t t = 0; t < layout.tables().size(); ++t) {
-      const auto& grad = grads.table(TableHandle{static_cast<int>(t)});
-      const Index cols = layout.tables()[t].cols;
-      const Scalar lr = this->lr_table(t), wd = this->wd_table(t);
-      this->update_table_rows(params, grads, t, [&](Scalar* p, Index r) {
-        const Index row = grad.ids()[static_cast<std::size_t>(r)];
-        Scalar* buf = mu > 0 ? table_buf_[t].data() + row * cols : nullptr;
-        update(p, grad.values().row(r).data(), buf, 0, cols, lr, wd, mu);
-      });
-    }
+    this->update_tables(params, grads);
   }
 
   std::vector<StateTensor<Scalar>> state_tensors() {
     std::vector<StateTensor<Scalar>> out;
     if (momentum_ > 0.0) {
-      for (const auto& s : this->layout().dense()) out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, dense_buf_.data() + s.offset});
+      for (const auto& s : this->layout().dense()) out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, dense_buf_.data() + s.offset, nullptr});
       for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
         const auto& s = this->layout().tables()[t];
-        out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data()});
+        out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data(), nullptr});
       }
     }
     std::vector<StateCounter> unused;
@@ -81,6 +81,13 @@ class Sgd : public detail::OptimizerCore<Scalar> {
   }
 
  private:
+  void update_table_row(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int) override {
+    const Index cols = this->layout().tables()[t].cols;
+    const Scalar mu = static_cast<Scalar>(momentum_);
+    Scalar* buf = mu > 0 ? table_buf_[t].data() + row * cols : nullptr;
+    update(p, g, buf, 0, cols, this->table_lr(t), this->wd_table(t), mu);
+  }
+
   static void update(Scalar* p, const Scalar* g, Scalar* buf, Index b, Index e, Scalar lr, Scalar wd, Scalar mu) {
     for (Index i = b; i < e; ++i) {
       Scalar d = g[i] + wd * p[i];

@@ -27,6 +27,7 @@
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
+#include "peer/core/row_sparse.hpp"
 
 namespace peer {
 
@@ -62,46 +63,42 @@ class TableRowWriter {
   /// 1 once the master holds the table (state saved with it, so a resumed run does not refill it).
   std::int64_t* master_ready() { return &master_ready_; }
 
-  /// Calls update(p, r) for every row r of `grad` (p: that row's values in Scalar, cols of them, updated
-  /// in place by the call), in parallel over rows, and writes the rows back as the storage asks. `step`
-  /// is the optimizer's step, which keys the stochastic rounding.
-  template <typename Update>
-  void for_each_row(RowTable<Scalar>& table, const RowSparseGrad<Scalar>& grad, std::int64_t step, Update&& update) {
-    if (!bf16_) {
-      parallel_for(grad.size(), 64, [&](Index r0, Index r1, int) {
-        for (Index r = r0; r < r1; ++r) update(table.row(grad.ids()[static_cast<std::size_t>(r)]), r);
-      });
-      return;
-    }
+  /// Makes the scratch for `threads` threads and, for master rows, fills the master from the table the
+  /// first time. Call before update_row (allocates only when the thread count grows).
+  void prepare(const RowTable<Scalar>& table, int threads) {
+    if (!bf16_) return;
     if (has_master() && master_ready_ == 0) {
       parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
         for (Index row = r0; row < r1; ++row) table.read_row(row, master_.data() + row * cols_);
       });
       master_ready_ = 1;
     }
-    const int threads = parallel_threads();
     if (!has_master() && scratch_.size() < static_cast<std::size_t>(threads * cols_)) {
-      scratch_.assign(static_cast<std::size_t>(threads * cols_), Scalar(0));  // once per thread count
+      scratch_.assign(static_cast<std::size_t>(threads * cols_), Scalar(0));
     }
-    parallel_for(grad.size(), 64, [&](Index r0, Index r1, int thread) {
-      for (Index r = r0; r < r1; ++r) {
-        const Index row = grad.ids()[static_cast<std::size_t>(r)];
-        if (has_master()) {
-          Scalar* p = master_.data() + row * cols_;
-          update(p, r);
-          table.write_row(row, p);
-          continue;
-        }
-        Scalar* p = scratch_.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(cols_);
-        table.read_row(row, p);
-        update(p, r);
-        if (rounding_ == Bf16Rounding::kNearest) {
-          table.write_row(row, p);
-        } else {
-          narrow_row_stochastic(p, table.bf16_row(row), cols_, stream(step, row));
-        }
+  }
+
+  /// Calls update(p) on row `row` in Scalar (p: cols values, updated in place: the row itself, its master,
+  /// or a widened copy in this thread's scratch) and writes a bf16 row back as the storage asks; `step`
+  /// keys the stochastic rounding.
+  template <typename Update>
+  void update_row(RowTable<Scalar>& table, Index row, std::int64_t step, int thread, Update&& update) {
+    if (!bf16_) {
+      update(table.row(row));
+    } else if (has_master()) {
+      Scalar* p = master_.data() + row * cols_;
+      update(p);
+      table.write_row(row, p);
+    } else {
+      Scalar* p = scratch_.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(cols_);
+      table.read_row(row, p);
+      update(p);
+      if (rounding_ == Bf16Rounding::kNearest) {
+        table.write_row(row, p);
+      } else {
+        narrow_row_stochastic(p, table.bf16_row(row), cols_, stream(step, row));
       }
-    });
+    }
   }
 
   /// The rounding stream of `row` at `step`.
