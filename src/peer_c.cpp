@@ -119,6 +119,11 @@ peer::PeerConfig to_config(const peer_config& c) {
     case PEER_KEYS_PER_HEAD: p.key_sharing = peer::KeySharing::kPerHead; break;
     default: peer::detail::throw_invalid("peer_config.key_sharing", c.key_sharing, "must be a peer_key_sharing value (0 or 1)");
   }
+  switch (c.expert_storage) {
+    case PEER_STORAGE_FLOAT: p.expert_storage = peer::TableStorage::kNative; break;
+    case PEER_STORAGE_BFLOAT16: p.expert_storage = peer::TableStorage::kBFloat16; break;
+    default: peer::detail::throw_invalid("peer_config.expert_storage", c.expert_storage, "must be a peer_storage value (0 or 1)");
+  }
   return p;
 }
 
@@ -137,6 +142,7 @@ void from_config(const peer::PeerConfig& p, peer_config& c) {
                  : p.query_norm == peer::QueryNorm::kNone      ? PEER_QUERY_NORM_NONE
                                                                : PEER_QUERY_NORM_HALF_LAYER;
   c.key_sharing = p.key_sharing == peer::KeySharing::kShared ? PEER_KEYS_SHARED : PEER_KEYS_PER_HEAD;
+  c.expert_storage = p.expert_storage == peer::TableStorage::kBFloat16 ? PEER_STORAGE_BFLOAT16 : PEER_STORAGE_FLOAT;
 }
 
 std::string prefix_of(const char* prefix) { return prefix == nullptr ? std::string() : std::string(prefix); }

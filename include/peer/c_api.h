@@ -42,6 +42,9 @@ enum peer_query_norm {
   PEER_QUERY_NORM_HALF_LAYER = 3 /* per half-query, one shared affine map (product-key-memory's) */
 };
 enum peer_key_sharing { PEER_KEYS_SHARED = 0, PEER_KEYS_PER_HEAD = 1 };
+/* How the expert table is stored: float, or bfloat16 (half the bytes; computed in float; updated rows are
+ * written back with deterministic stochastic rounding; docs/storage.md). */
+enum peer_storage { PEER_STORAGE_FLOAT = 0, PEER_STORAGE_BFLOAT16 = 1 };
 
 /* A PEER layer's configuration; peer_config_default() fills the paper's defaults (as peer::PeerConfig). */
 typedef struct peer_config {
@@ -54,6 +57,7 @@ typedef struct peer_config {
   int gating;            /* enum peer_gating */
   int query_norm;        /* enum peer_query_norm */
   int key_sharing;       /* enum peer_key_sharing */
+  int expert_storage;    /* enum peer_storage (0, float, when left zero) */
 } peer_config;
 
 typedef struct peer_layer peer_layer;

@@ -257,37 +257,75 @@ class Adam : public detail::OptimizerCore<Scalar> {
     p -= c.lr * (m * c.inv_c1) / ((v * c.inv_c2).sqrt() + c.eps);
   }
 
+  // mean_j g'_j^2 of one row (g' = g, plus wd p for L2 decay), in blocks of kBlock lanes summed at the end
+  // in lane order: vectorized, and the same for any alignment, thread or path (fused or not).
+  static Scalar mean_square(const Coefficients& c, const Scalar* p, const Scalar* g, Index cols) {
+    using ConstBlockMap = Eigen::Map<const Block>;
+    Block acc = Block::Zero();
+    Index j = 0;
+    for (; j + kBlock <= cols; j += kBlock) {
+      Block gj = ConstBlockMap(g + j);
+      if (!c.decoupled) gj += c.wd * ConstBlockMap(p + j);
+      acc += gj * gj;
+    }
+    Scalar sum = 0;
+    for (Index l = 0; l < kBlock; ++l) sum += acc[l];
+    for (; j < cols; ++j) {
+      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
+      sum += gj * gj;
+    }
+    return sum / static_cast<Scalar>(cols);
+  }
+
+  // p_j -= lr step_j / denom for one row, step_j = m_j / c1 with m updated (Adam) or g'_j (Adagrad, m null);
+  // decoupled decay first. Blocks of kBlock lanes, then the tail element by element.
+  static void apply_row_wise(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar denom, Index cols) {
+    using BlockMap = Eigen::Map<Block>;
+    using ConstBlockMap = Eigen::Map<const Block>;
+    const Scalar scale = c.lr / denom;
+    Index j = 0;
+    for (; j + kBlock <= cols; j += kBlock) {
+      BlockMap pj(p + j);
+      Block gj = ConstBlockMap(g + j);
+      if (c.decoupled) {
+        pj -= (c.lr * c.wd) * pj;
+      } else {
+        gj += c.wd * pj;
+      }
+      if (m != nullptr) {
+        BlockMap mj(m + j);
+        mj = c.b1 * mj + (Scalar(1) - c.b1) * gj;
+        pj -= scale * (mj * c.inv_c1);
+      } else {
+        pj -= scale * gj;
+      }
+    }
+    for (; j < cols; ++j) {
+      Scalar gj = g[j];
+      if (c.decoupled) {
+        p[j] -= (c.lr * c.wd) * p[j];
+      } else {
+        gj += c.wd * p[j];
+      }
+      if (m != nullptr) {
+        m[j] = c.b1 * m[j] + (Scalar(1) - c.b1) * gj;
+        p[j] -= scale * (m[j] * c.inv_c1);
+      } else {
+        p[j] -= scale * gj;
+      }
+    }
+  }
+
   // Partial row-wise Adam on one row: m per entry, *v_row its one v (see the file comment).
   static void update_partial_row_wise(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar* v_row, Index cols) {
-    Scalar sum_sq = 0;
-    for (Index j = 0; j < cols; ++j) {
-      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
-      sum_sq += gj * gj;
-    }
-    *v_row = c.b2 * *v_row + (Scalar(1) - c.b2) * (sum_sq / static_cast<Scalar>(cols));
-    const Scalar denom = std::sqrt(*v_row * c.inv_c2) + c.eps;
-    for (Index j = 0; j < cols; ++j) {
-      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
-      if (c.decoupled) p[j] -= (c.lr * c.wd) * p[j];
-      m[j] = c.b1 * m[j] + (Scalar(1) - c.b1) * gj;
-      p[j] -= c.lr * (m[j] * c.inv_c1) / denom;
-    }
+    *v_row = c.b2 * *v_row + (Scalar(1) - c.b2) * mean_square(c, p, g, cols);
+    apply_row_wise(c, p, g, m, std::sqrt(*v_row * c.inv_c2) + c.eps, cols);
   }
 
   // Row-wise Adagrad on one row: *sum its accumulator of mean squared gradients.
   static void update_row_wise_adagrad(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* sum, Index cols) {
-    Scalar sum_sq = 0;
-    for (Index j = 0; j < cols; ++j) {
-      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
-      sum_sq += gj * gj;
-    }
-    *sum += sum_sq / static_cast<Scalar>(cols);
-    const Scalar denom = std::sqrt(*sum) + c.eps;
-    for (Index j = 0; j < cols; ++j) {
-      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
-      if (c.decoupled) p[j] -= (c.lr * c.wd) * p[j];
-      p[j] -= c.lr * gj / denom;
-    }
+    *sum += mean_square(c, p, g, cols);
+    apply_row_wise(c, p, g, nullptr, std::sqrt(*sum) + c.eps, cols);
   }
 
   // One table's optimizer state: which rule, and its buffers (only those the rule uses are non-empty).
