@@ -28,3 +28,15 @@ ensure_packages() {
 
 # Number of parallel build jobs: all cores.
 build_jobs() { nproc 2>/dev/null || echo 2; }
+
+# ensure_corpus: writes build/data/kjv.txt (the King James Bible from Debian's bible-kjv, one verse per
+# line without its reference: "Ge1:1 In the beginning..." -> "In the beginning...") unless it is there, and
+# sets CORPUS to its path. The caller ensures the bible-kjv package.
+ensure_corpus() {
+  CORPUS=build/data/kjv.txt
+  [ -s "$CORPUS" ] && return 0
+  mkdir -p "$(dirname "$CORPUS")"
+  bible -f Gen1:1-Rev22:21 | sed 's/^[^ ]* //' > "$CORPUS.tmp"
+  mv "$CORPUS.tmp" "$CORPUS"
+  echo "peer: wrote $CORPUS ($(wc -c < "$CORPUS") bytes) from Debian's bible-kjv"
+}

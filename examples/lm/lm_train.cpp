@@ -60,11 +60,12 @@ Training
 Evaluation and output
   --eval-every S  --eval-windows W  --final-eval-windows W    (250, 256, 0 = all)
   --evals N                N evaluations spread over the run (instead of --eval-every)
-  --log FILE.csv           one line per evaluation
+  --log FILE.csv           one line per evaluation (losses, resident set, non-finite parameters, expert usage)
   --summary FILE.json      the run's figures, for scripts/lm_compare
   --no-progress            no progress bar
 Checkpoints
   --checkpoint FILE  --save-every S  --resume     (resume continues FILE if it exists)
+  --stop-after S           stop (and save) at step S of the run; --resume continues it in a later process
 Sampling
   --prompt TEXT  --sample-bytes N  --temperature T  --sample-top-k K   (none, 200, 0.8, 0)
 )";
@@ -96,7 +97,7 @@ Args parse(int argc, char** argv) {
       "ffn-hidden", "experts", "expert-heads", "top-k", "key-dim", "query-norm", "expert-storage", "table-optimizer",
       "moment-storage", "moe-experts", "moe-hidden", "moe-top-k",
       "moe-routing", "moe-balance", "steps", "flops", "batch", "lr", "expert-lr", "weight-decay", "warmup", "min-lr-factor",
-      "clip", "seed", "threads", "eval-every", "evals", "eval-windows", "final-eval-windows", "log", "summary", "checkpoint",
+      "clip", "seed", "threads", "stop-after", "eval-every", "evals", "eval-windows", "final-eval-windows", "log", "summary", "checkpoint",
       "save-every", "prompt", "sample-bytes", "temperature", "sample-top-k"};
   Args a;
   for (int i = 1; i < argc; ++i) {
@@ -197,6 +198,8 @@ lm::TrainOptions make_options(const Args& a) {
   o.checkpoint = a.str("checkpoint", "");
   o.save_every = a.integer("save-every", 0);
   o.resume = a.has("resume");
+  o.stop_after = a.integer("stop-after", 0);
+  if (o.stop_after < 0) throw std::invalid_argument("--stop-after must be >= 0");
   o.log_csv = a.str("log", "");
   o.progress = !a.has("no-progress");
   if (o.batch < 1) throw std::invalid_argument("--batch must be >= 1");
@@ -276,7 +279,7 @@ int main(int argc, char** argv) try {
 
   if (options.resume && !options.checkpoint.empty() && std::ifstream(options.checkpoint).good()) {
     trainer.load(options.checkpoint);
-    std::cout << "resumed " << options.checkpoint << " at step " << trainer.step() << "\n";
+    std::cout << "resumed " << options.checkpoint << " at step " << trainer.step() << std::endl;  // flushed: scripts/soak reads it from a process it kills
   }
   const lm::Evaluation result = trainer.run([&](std::int64_t step, double train_loss, const lm::Evaluation& e) {
     if (step == 0) return;

@@ -12,7 +12,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -612,6 +615,74 @@ TEST_P(Determinism, ResumedRunEqualsUninterruptedRun) {
   for (int s = 0; s < 3; ++s) resumed.train_step();
   EXPECT_TRUE(all_parameters(straight) == all_parameters(resumed));
   std::remove(path.c_str());
+}
+
+/// The lines of a CSV file, each split at commas.
+std::vector<std::vector<std::string>> read_csv(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<std::vector<std::string>> rows;
+  for (std::string line; std::getline(in, line);) {
+    std::vector<std::string> cells;
+    std::stringstream ss(line);
+    for (std::string cell; std::getline(ss, cell, ',');) cells.push_back(cell);
+    rows.push_back(cells);
+  }
+  return rows;
+}
+
+// What scripts/soak relies on: a run stopped with stop_after and resumed by another trainer (as another
+// process would) ends where the uninterrupted run ends, and logs the same evaluations; the log names its
+// columns, counts steps per process and non-finite parameters.
+TEST(Checkpoint, StoppedAndResumedRunLogsWhatTheUninterruptedRunLogs) {
+  const lm::Corpus corpus = generated_corpus();
+  const lm::LmConfig config = small_config(lm::FfnKind::kPeer);
+  const std::string dir = ::testing::TempDir();
+  lm::TrainOptions o = short_options();
+  o.eval_every = 1;
+  o.eval_windows = 4;
+  o.log_csv = dir + "lm_straight.csv";
+  lm::Trainer<float> straight(config, o, corpus);
+  straight.run();
+
+  o.log_csv = dir + "lm_segments.csv";
+  o.checkpoint = dir + "lm_segments.ckpt";
+  o.stop_after = 4;
+  {
+    lm::Trainer<float> first(config, o, corpus);
+    first.run();
+    EXPECT_EQ(first.step(), 4);
+  }
+  o.stop_after = 0;
+  lm::Trainer<float> second(config, o, corpus);
+  second.load(o.checkpoint);
+  second.run();
+  EXPECT_EQ(second.step(), 6);
+  EXPECT_TRUE(all_parameters(straight) == all_parameters(second));
+
+  const auto a = read_csv(dir + "lm_straight.csv"), b = read_csv(dir + "lm_segments.csv");
+  const std::vector<std::string> header = {"step", "tokens", "flops", "train_loss", "val_loss", "val_bpb", "seconds", "val_tokens",
+                                           "process_steps", "rss_mib", "nonfinite_params", "usage_1", "unevenness_1"};
+  ASSERT_EQ(a.size(), 8U);  // header, steps 0-5, the final evaluation at 6
+  ASSERT_EQ(b.size(), 8U);  // the stopped run logs 0-4 and no final line; the resumed one 5 and the final 6
+  EXPECT_EQ(a[0], header);
+  EXPECT_EQ(b[0], header);
+  for (std::size_t i = 1; i < a.size(); ++i) {
+    ASSERT_EQ(a[i].size(), header.size());
+    ASSERT_EQ(b[i].size(), header.size());
+    EXPECT_EQ(a[i][0], b[i][0]);
+    for (std::size_t c : {4, 5, 10, 11, 12}) EXPECT_EQ(a[i][c], b[i][c]) << "line " << i << ", " << header[c];
+    EXPECT_EQ(a[i][10], "0");
+    EXPECT_GT(std::stod(a[i][9]), 0.0);  // the resident set, in MiB
+  }
+  EXPECT_EQ(b[5][8], "4");  // the stopped process ran 4 steps
+  EXPECT_EQ(b[6][8], "1");  // the resumed one starts counting again
+  EXPECT_EQ(a[7][8], "6");
+
+  EXPECT_EQ(second.count_nonfinite(), 0);
+  const std::string table = second.parameters().layout().tables().at(0).name;  // the expert table
+  second.parameters().find(table)(5, 3) = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_EQ(second.count_nonfinite(), 1);
+  for (const auto& f : {o.checkpoint, dir + "lm_straight.csv", dir + "lm_segments.csv"}) std::remove(f.c_str());
 }
 
 TEST(Checkpoint, LoadRejectsADifferentModel) {

@@ -55,6 +55,8 @@
 
 // io
 #include "peer/io/checkpoint.hpp"
+#include "peer/io/mapped_file.hpp"
+#include "peer/io/mapped_parameters.hpp"
 #include "peer/io/maps/peer_pytorch.hpp"
 #include "peer/io/maps/pkm_pytorch.hpp"
 #include "peer/io/maps/torch_map.hpp"

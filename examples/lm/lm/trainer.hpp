@@ -42,8 +42,11 @@ struct TrainOptions {
   std::string checkpoint;        ///< file to save to (and resume from, with resume)
   std::int64_t save_every = 0;   ///< steps between checkpoints (0: only at the end, when a path is given)
   bool resume = false;           ///< continue from `checkpoint` when it exists
-  std::string log_csv;           ///< one line per evaluation: step, tokens, FLOPs, losses, seconds, evaluated bytes
-                                 ///< (the last line is the final evaluation)
+  std::int64_t stop_after = 0;   ///< when > 0, run() stops (and saves) at this step; the schedule still spans
+                                 ///< total steps, so a later --resume continues the same run (scripts/soak)
+  std::string log_csv;           ///< one line per evaluation: step, tokens, FLOPs, losses, seconds, evaluated bytes,
+                                 ///< the steps this process ran, the resident set, the count of non-finite parameters, and each routed block's
+                                 ///< usage and unevenness over that evaluation (the last line is the final one)
   bool progress = true;          ///< the progress bar on stdout
   /// The expert / value tables' optimizer state (peer/optim/adam.hpp; docs/storage.md).
   peer::TableOptimizer table_optimizer = peer::TableOptimizer::kDefault;
@@ -104,6 +107,14 @@ class ProgressBar {
   std::int64_t total_;
   bool tty_;
 };
+
+/// The process's resident set in MiB, from /proc/self/statm (Linux); -1 where that file does not exist.
+inline double resident_mib() {
+  std::ifstream statm("/proc/self/statm");
+  long long size = 0, resident = -1;
+  if (!(statm >> size >> resident)) return -1;
+  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
 
 template <typename Scalar = float>
 class Trainer {
@@ -201,6 +212,23 @@ class Trainer {
     return e;
   }
 
+  /// Parameters (dense tensors and table entries) that are inf or NaN, decided from bit patterns.
+  std::int64_t count_nonfinite() const {
+    std::int64_t bad = 0;
+    const auto& layout = params_.layout();
+    for (Index i = 0; i < layout.dense_size(); ++i) bad += peer::detail::is_finite(params_.dense_data()[i]) ? 0 : 1;
+    std::vector<Scalar> row;
+    for (std::size_t t = 0; t < layout.tables().size(); ++t) {
+      const auto& table = params_.table(peer::TableHandle{static_cast<int>(t)});
+      row.resize(static_cast<std::size_t>(table.cols()));
+      for (Index r = 0; r < table.rows(); ++r) {
+        table.read_row(r, row.data());
+        for (const Scalar v : row) bad += peer::detail::is_finite(v) ? 0 : 1;
+      }
+    }
+    return bad;
+  }
+
   /// Registers everything a resumed run needs (the same calls build it for save and load).
   void register_checkpoint(peer::TrainingCheckpoint& ckpt) {
     ckpt.add_config("lm", model_.to_fields());
@@ -232,24 +260,35 @@ class Trainer {
       const bool fresh = step_ == 0;
       csv.open(options_.log_csv, fresh ? std::ios::out : std::ios::app);
       if (!csv) throw std::runtime_error("cannot write " + options_.log_csv);
-      if (fresh) csv << "step,tokens,flops,train_loss,val_loss,val_bpb,seconds,val_tokens\n";
+      if (fresh) {
+        csv << "step,tokens,flops,train_loss,val_loss,val_bpb,seconds,val_tokens,process_steps,rss_mib,nonfinite_params";
+        for (Index l = 0; l < model_.num_layers(); ++l) {
+          if (model_.ffn(l).num_experts() > 0) csv << ",usage_" << l << ",unevenness_" << l;
+        }
+        csv << "\n";
+      }
     }
     double smoothed = -1, last_bpb = -1;
-    const std::int64_t first = step_;
+    const std::int64_t first = step_;  // steps of this process = step_ - first
+    auto write_line = [&](double train_loss, const Evaluation& e, const std::vector<BlockStats>& stats) {
+      csv << step_ << "," << static_cast<double>(step_) * static_cast<double>(tokens_per_step()) << ","
+          << static_cast<double>(step_) * flops_per_step() << "," << train_loss << "," << e.loss << "," << e.bits_per_byte() << ","
+          << seconds_ << "," << e.tokens << "," << step_ - first << "," << resident_mib() << "," << count_nonfinite();
+      for (const auto& b : stats) csv << "," << b.usage << "," << b.unevenness;
+      csv << "\n";
+      csv.flush();
+    };
+    std::vector<BlockStats> eval_stats;
     auto log_eval = [&](double train_loss) {
-      const Evaluation e = evaluate(corpus_.validation, options_.eval_windows);
+      const Evaluation e = evaluate(corpus_.validation, options_.eval_windows, &eval_stats);
       last_bpb = e.bits_per_byte();
-      if (csv) {
-        csv << step_ << "," << static_cast<double>(step_) * static_cast<double>(tokens_per_step()) << ","
-            << static_cast<double>(step_) * flops_per_step() << "," << train_loss << "," << e.loss << "," << e.bits_per_byte() << ","
-            << seconds_ << "," << e.tokens << "\n";
-        csv.flush();
-      }
+      if (csv) write_line(train_loss, e, eval_stats);
       if (on_eval) on_eval(step_, train_loss, e);
     };
     if (step_ == 0 && options_.eval_every > 0) log_eval(std::log(256.0));
     const double seconds_before = seconds_;
-    while (step_ < total_steps_) {
+    const std::int64_t last = options_.stop_after > 0 ? std::min(options_.stop_after, total_steps_) : total_steps_;
+    while (step_ < last) {
       // Wall time counts training steps only (evaluations and checkpoints are left out).
       const auto start = Clock::now();
       const double loss = train_step();
@@ -267,11 +306,8 @@ class Trainer {
     last_train_loss_ = smoothed;
     if (!options_.checkpoint.empty() && step_ > first) save(options_.checkpoint);
     const Evaluation final_eval = evaluate(corpus_.validation, options_.final_eval_windows, &stats_);
-    if (csv) {
-      csv << step_ << "," << static_cast<double>(step_) * static_cast<double>(tokens_per_step()) << ","
-          << static_cast<double>(step_) * flops_per_step() << "," << smoothed << "," << final_eval.loss << ","
-          << final_eval.bits_per_byte() << "," << seconds_ << "," << final_eval.tokens << "\n";
-    }
+    // A run stopped early (stop_after) logs no final line: the next segment's evaluations continue the log.
+    if (csv && step_ == total_steps_) write_line(smoothed, final_eval, stats_);
     if (on_eval) on_eval(step_, smoothed, final_eval);
     return final_eval;
   }

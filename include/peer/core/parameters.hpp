@@ -32,6 +32,7 @@ class Parameters {
     TableMemory(std::nullptr_t) {}                   // NOLINT
     Scalar* native = nullptr;
     bfloat16* bf16 = nullptr;
+    bool read_only = false;  ///< memory the process must not write (a read-only mapping): RowTable::read_only
   };
 
   /// Memory provided by the user: `dense` holds layout.dense_size() scalars, `buffers` holds
@@ -79,6 +80,7 @@ class Parameters {
       }
       tables_.push_back(bf16 ? RowTable<Scalar>::view(m.bf16, spec.rows, spec.cols)
                              : RowTable<Scalar>::view(m.native, spec.rows, spec.cols));
+      tables_.back().set_read_only(m.read_only);
     }
   }
 

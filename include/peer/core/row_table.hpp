@@ -101,19 +101,24 @@ class RowTable {
   TableStorage storage() const { return storage_; }
   bool is_bf16() const { return storage_ == TableStorage::kBFloat16; }
   bool owns_memory() const { return owned_.data() != nullptr || owned_bf16_.data() != nullptr; }
+  /// A read-only table (a view of memory mapped read-only: MapMode::kReadOnly) serves the const row
+  /// primitives; every mutable access (row, data, bf16_row, bf16_data, write_row, matrix) throws
+  /// std::logic_error instead of writing to memory the process may not write.
+  bool read_only() const { return read_only_; }
+  void set_read_only(bool read_only) { read_only_ = read_only; }
   /// Bytes of one stored row, and of the whole table.
   Index row_bytes() const { return cols_ * static_cast<Index>(is_bf16() ? sizeof(bfloat16) : sizeof(Scalar)); }
   Index bytes() const { return rows_ * row_bytes(); }
 
   /// Row i of a native table (throws std::logic_error for a bf16 table: use the row primitives or bf16_row).
-  Scalar* row(Index i) { return native("row") + i * cols_; }
+  Scalar* row(Index i) { return writable(native("row")) + i * cols_; }
   const Scalar* row(Index i) const { return native("row") + i * cols_; }
-  Scalar* data() { return native("data"); }
+  Scalar* data() { return writable(native("data")); }
   const Scalar* data() const { return native("data"); }
   /// Row i of a bf16 table (throws std::logic_error for a native one).
-  bfloat16* bf16_row(Index i) { return bf16("bf16_row") + i * cols_; }
+  bfloat16* bf16_row(Index i) { return writable(bf16("bf16_row")) + i * cols_; }
   const bfloat16* bf16_row(Index i) const { return bf16("bf16_row") + i * cols_; }
-  bfloat16* bf16_data() { return bf16("bf16_data"); }
+  bfloat16* bf16_data() { return writable(bf16("bf16_data")); }
   const bfloat16* bf16_data() const { return bf16("bf16_data"); }
 
   /// Where the entries live, whatever the storage (an identity for views).
@@ -142,6 +147,7 @@ class RowTable {
   }
   /// Row i = in[0, cols), rounded to the nearest bf16 (ties to even) for a bf16 table.
   void write_row(Index i, const Scalar* in) {
+    writable(this);
     if (is_bf16()) {
       detail::narrow_row_nearest(in, bf16_ + i * cols_, cols_);
     } else {
@@ -156,7 +162,7 @@ class RowTable {
   }
 
   /// The whole table as a matrix (native tables only).
-  MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(native("matrix"), rows_, cols_, Eigen::OuterStride<>(cols_)); }
+  MatrixMap<Scalar> matrix() { return MatrixMap<Scalar>(writable(native("matrix")), rows_, cols_, Eigen::OuterStride<>(cols_)); }
   ConstMatrixMap<Scalar> matrix() const {
     return ConstMatrixMap<Scalar>(native("matrix"), rows_, cols_, Eigen::OuterStride<>(cols_));
   }
@@ -167,6 +173,11 @@ class RowTable {
   Scalar* native(const char* what) const {
     if (is_bf16()) throw std::logic_error(std::string("RowTable::") + what + ": the table is stored as bfloat16; use the row primitives (dot, axpy, read_row, write_row) or bf16_row");
     return data_;
+  }
+  template <typename T>
+  T* writable(T* p) const {
+    if (read_only_) throw std::logic_error("RowTable: the table is read-only (mapped with MapMode::kReadOnly); map it copy-on-write or write-back to change it");
+    return p;
   }
   bfloat16* bf16(const char* what) const {
     if (!is_bf16()) throw std::logic_error(std::string("RowTable::") + what + ": the table is stored as the layer's Scalar, not bfloat16");
@@ -180,6 +191,7 @@ class RowTable {
   bfloat16* bf16_ = nullptr;
   Index rows_ = 0;
   Index cols_ = 0;
+  bool read_only_ = false;
 };
 
 }  // namespace peer

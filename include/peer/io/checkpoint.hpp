@@ -23,7 +23,7 @@
 ///                                                          u32 CRC-32C of the data }
 ///     24 + L      4     u32 CRC-32C of bytes [0, 24 + L)
 ///     28 + L      ...   for each tensor in header order: zero padding up to its data offset (a multiple
-///                       of 64), then its rows * cols * size(dtype) bytes. The file ends where the last
+///                       of 64; of 2 MiB for the tables TrainingCheckpoint writes), then its rows * cols * size(dtype) bytes. The file ends where the last
 ///                       tensor's data ends (at 28 + L without tensors).
 ///
 /// Limits, enforced by the writer and the reader (CheckpointFormat): names and keys are 1 to 4096 bytes of
@@ -128,6 +128,11 @@ struct CheckpointFormat {
   static constexpr std::uint32_t kEndianMarker = 0x01020304u;
   static constexpr std::uint64_t kPrefixBytes = 24;  ///< magic, version, marker, header length
   static constexpr std::uint64_t kAlignment = 64;    ///< of every tensor's data offset (a cache line)
+  /// What TrainingCheckpoint aligns parameter tables to, so that MappedParameters can map them in place:
+  /// 2 MiB, a huge page (and a multiple of every page size). The gap before such a tensor is a hole in the
+  /// file (zeros that take no disk space on the usual file systems).
+  static constexpr std::uint64_t kMapAlignment = std::uint64_t{2} << 20;
+  static constexpr std::uint64_t kMaxAlignment = std::uint64_t{1} << 30;
   static constexpr std::size_t kMaxNameBytes = 4096;
   static constexpr std::size_t kMaxValueBytes = std::size_t{1} << 20;
   static constexpr std::size_t kMaxMetadata = std::size_t{1} << 16;
@@ -158,6 +163,9 @@ struct TensorView {
   std::int64_t cols = 0;
   const void* data = nullptr;
   RowProducer producer;
+  /// The data offset's alignment: 0 for the format's 64 bytes, or a power of two from 64 to 2^30
+  /// (CheckpointFormat::kMapAlignment for a table that is to be memory-mapped).
+  std::uint64_t alignment = 0;
 };
 
 /// A tensor of a checkpoint file, as its header describes it.
@@ -169,6 +177,7 @@ struct TensorEntry {
   std::uint64_t offset = 0;  ///< of the data in the file
   std::uint64_t bytes = 0;   ///< rows * cols * dtype_size(dtype)
   std::uint32_t crc32c = 0;  ///< of the data
+  std::uint64_t checksum_offset = 0;  ///< where the file stores crc32c (in the header)
 };
 
 /// Writes a checkpoint atomically: the data goes to `path.tmp.<pid>.<n>` in the same directory, which is
@@ -206,6 +215,8 @@ class CheckpointReader {
 
   const std::string& path() const { return path_; }
   std::uint64_t file_size() const { return file_size_; }
+  /// Where the header checksum (CRC-32C of bytes [0, offset)) is stored: 24 + the header length.
+  std::uint64_t header_checksum_offset() const { return data_begin_ - 4; }
 
   /// All metadata in file order.
   const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }

@@ -18,8 +18,9 @@ namespace peer {
 
 namespace detail {
 
-template <typename Scalar, typename Visit>
-void for_each_tensor(Parameters<Scalar>& params, Visit&& visit) {
+/// visit(spec, pointer) for every tensor; const pointers for const `params` (which may be read-only).
+template <typename Params, typename Visit>
+void for_each_tensor(Params& params, Visit&& visit) {
   const ParameterLayout& layout = params.layout();
   for (const auto& s : layout.dense()) visit(s, params.dense_data() + s.offset);
   for (const auto& s : layout.buffers()) visit(s, params.buffer_data() + s.offset);
@@ -40,7 +41,7 @@ void for_each_tensor(Parameters<Scalar>& params, Visit&& visit) {
 template <typename Scalar>
 void add_parameters(SafetensorsWriter& writer, const Parameters<Scalar>& params, const std::string& prefix = "",
                     SafetensorsDType stored = safetensors_dtype_of<Scalar>()) {
-  detail::for_each_tensor(const_cast<Parameters<Scalar>&>(params), [&](const TensorSpec& s, const auto* data) {
+  detail::for_each_tensor(params, [&](const TensorSpec& s, const auto* data) {
     const bool bf16 = s.kind == ParamKind::kRowSparse && s.storage == TableStorage::kBFloat16;
     writer.add(prefix + s.name, data, {static_cast<std::int64_t>(s.rows), static_cast<std::int64_t>(s.cols)},
                bf16 ? SafetensorsDType::kBF16 : stored);

@@ -21,7 +21,11 @@
 ///
 /// In the file: tensor "<prefix>.<tensor name>" per parameter and optimizer state tensor, an int64 tensor
 /// per counter array, metadata "config.<prefix>.<field>" per configuration field, "value.<key>" per value,
-/// and "peer.kind" = "training", "peer.version".
+/// and "peer.kind" = "training", "peer.version". Parameter tables start at multiples of 2 MiB (tables of
+/// 2 MiB or more: a huge page) or of 64 KiB (smaller ones: the largest common page size), so that
+/// MappedParameters can map them from the checkpoint instead of reading them (peer/io/mapped_parameters.hpp);
+/// the gaps are file holes. set_table_alignment(0) writes them at the format's 64 bytes instead (smaller
+/// files; the tables can then only be loaded).
 ///
 /// load() validates everything before it writes anything: the file's structure and every checksum
 /// (CheckpointReader::verify_all), its kind, every configuration field (equal text; a missing or extra
@@ -71,8 +75,14 @@ class TrainingCheckpoint {
       } else {
         add_tensor(join(prefix, s.name), table.data(), s.rows, s.cols);
       }
+      tensors_.back().table = true;
     }
   }
+
+  /// The data alignment of parameter tables in saved files: kMapAligned (the default, see the file
+  /// comment), 0 for the format's 64 bytes, or a power of two from 64 to 2^30.
+  static constexpr std::uint64_t kMapAligned = ~std::uint64_t{0};
+  void set_table_alignment(std::uint64_t alignment) { table_alignment_ = alignment; }
 
   /// The state of an optimizer with state_tensors() and state_counters() (Sgd, Adam), as
   /// "<prefix>.<state name>"; for example "adam.adam.m.experts" and "adam.optimizer.step".
@@ -124,6 +134,12 @@ class TrainingCheckpoint {
       v.rows = t.rows;
       v.cols = t.cols;
       v.data = t.rows * t.cols > 0 ? t.data : nullptr;
+      if (t.table) {
+        const auto bytes = static_cast<std::uint64_t>(t.rows * t.cols) * dtype_size(t.dtype);
+        v.alignment = table_alignment_ != kMapAligned       ? table_alignment_
+                      : bytes >= CheckpointFormat::kMapAlignment ? CheckpointFormat::kMapAlignment
+                                                                 : std::uint64_t{64} << 10;
+      }
       views.push_back(std::move(v));
     }
     save_checkpoint(path, metadata, views);
@@ -196,6 +212,7 @@ class TrainingCheckpoint {
     DType dtype;
     Index rows, cols;
     void* data;
+    bool table = false;  // a parameter table: aligned for mapping (table_alignment_)
   };
   struct Meta {
     std::string key;
@@ -220,6 +237,7 @@ class TrainingCheckpoint {
   }
 
   std::vector<Tensor> tensors_;
+  std::uint64_t table_alignment_ = kMapAligned;
   std::vector<Meta> meta_;
   std::unordered_set<std::string> tensor_names_, meta_names_;
 };

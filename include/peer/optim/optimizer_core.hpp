@@ -79,6 +79,7 @@ class OptimizerCore {
   /// The optimizer must stay where it is (not be moved) while fused.
   void fuse_table_updates(Parameters<Scalar>& params, Gradients<Scalar>& grads) {
     if (params.layout() != layout_) throw std::invalid_argument("fuse_table_updates: params have a different layout than the optimizer");
+    check_writable(params, "fuse_table_updates");
     if (grads.layout() != layout_) throw std::invalid_argument("fuse_table_updates: grads have a different layout than the optimizer");
     unfuse_table_updates();
     for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
@@ -113,7 +114,17 @@ class OptimizerCore {
   void begin_step(const Parameters<Scalar>& params, const Gradients<Scalar>& grads) {
     if (params.layout() != layout_) throw std::invalid_argument("optimizer: params have a different layout than the optimizer");
     if (grads.layout() != layout_) throw std::invalid_argument("optimizer: grads have a different layout than the optimizer");
+    check_writable(params, "step");
     ++step_;
+  }
+  /// Read-only tables (mapped with MapMode::kReadOnly) are refused before anything changes.
+  void check_writable(const Parameters<Scalar>& params, const char* where) const {
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      if (params.table(TableHandle{static_cast<int>(t)}).read_only()) {
+        throw std::invalid_argument(std::string("optimizer: ") + where + ": table '" + layout_.tables()[t].name +
+                                    "' is read-only (mapped with MapMode::kReadOnly); map it copy-on-write or write-back to train it");
+      }
+    }
   }
   Scalar lr_dense(std::size_t i) const { return static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.dense[i]), step_)); }
   Scalar wd_dense(std::size_t i) const { return static_cast<Scalar>(groups_[static_cast<std::size_t>(assignment_.dense[i])].weight_decay); }

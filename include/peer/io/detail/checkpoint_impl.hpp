@@ -292,6 +292,11 @@ class TempFile {
     write_at(fd_, src, n, offset, where_ + "cannot write temporary file " + quote_text(tmp_));
   }
 
+  /// Sets the file's length (a hole at the end, when the last tensor is empty after a long gap).
+  void resize(std::uint64_t size) const {
+    if (::ftruncate(fd_, file_offset(size)) != 0) throw_errno(where_ + "cannot resize temporary file " + quote_text(tmp_), errno);
+  }
+
   /// fsync, close (whose error NFS uses for deferred write failures), rename over the final path, then
   /// fsync the directory so that the rename itself survives a crash.
   void commit() {
@@ -346,8 +351,8 @@ std::uint64_t tensor_bytes(std::int64_t rows, std::int64_t cols, std::size_t ele
   return r * c * element;
 }
 
-inline std::uint64_t align_up(std::uint64_t x) {
-  return (x + CheckpointFormat::kAlignment - 1) / CheckpointFormat::kAlignment * CheckpointFormat::kAlignment;
+inline std::uint64_t align_up(std::uint64_t x, std::uint64_t alignment = CheckpointFormat::kAlignment) {
+  return (x + alignment - 1) / alignment * alignment;
 }
 
 }  // namespace detail
@@ -402,6 +407,9 @@ inline void save_checkpoint(const std::string& path, const std::vector<std::pair
                                     [&](const std::string& f, const std::string& value, const std::string& rule) {
                                       fail(named + "." + f, value, rule);
                                     });
+    if (v.alignment != 0 && (v.alignment < F::kAlignment || v.alignment > F::kMaxAlignment || (v.alignment & (v.alignment - 1)) != 0)) {
+      fail(named + ".alignment", std::to_string(v.alignment), "must be 0 or a power of two from 64 to 2^30");
+    }
     if (v.data != nullptr && v.producer) fail(named + ".data", "non-null", "and a producer are set; set one");
     if (bytes[t] > 0 && v.data == nullptr && !v.producer) fail(named + ".data", "null", "and no producer is set");
     header_bytes += 4 + v.name.size() + 1 + 4 * 8 + 4;
@@ -412,7 +420,7 @@ inline void save_checkpoint(const std::string& path, const std::vector<std::pair
   const std::uint64_t header_end = F::kPrefixBytes + header_bytes + 4;
   std::uint64_t end = header_end;
   for (std::size_t t = 0; t < tensors.size(); ++t) {
-    offsets[t] = detail::align_up(end);
+    offsets[t] = detail::align_up(end, tensors[t].alignment == 0 ? F::kAlignment : tensors[t].alignment);
     end = offsets[t] + bytes[t];  // <= 2^62 + 2^62 after the check below held for the previous tensor
     if (end > F::kMaxTensorBytes) fail("total file size", std::to_string(end), "must be <= 2^62 bytes");
   }
@@ -427,7 +435,9 @@ inline void save_checkpoint(const std::string& path, const std::vector<std::pair
   end = header_end;
   for (std::size_t t = 0; t < tensors.size(); ++t) {
     const TensorView& v = tensors[t];
-    file.write(kZeros, static_cast<std::size_t>(offsets[t] - end), end);
+    // A gap of up to 64 bytes is written; a longer one (a mappable tensor's) stays a hole of the new
+    // file, which reads as zeros.
+    if (offsets[t] - end <= F::kAlignment) file.write(kZeros, static_cast<std::size_t>(offsets[t] - end), end);
     std::uint32_t crc = 0;
     if (v.data != nullptr) {
       const auto* src = static_cast<const unsigned char*>(v.data);
@@ -459,6 +469,7 @@ inline void save_checkpoint(const std::string& path, const std::vector<std::pair
     end = offsets[t] + bytes[t];
   }
 
+  if (end > header_end) file.resize(end);
   std::string header;
   header.reserve(static_cast<std::size_t>(header_end));
   header.append(F::kMagic, 8);
@@ -737,6 +748,7 @@ inline void CheckpointReader::parse() {
     e.cols = in.get<std::int64_t>(named + " cols");
     e.offset = in.get<std::uint64_t>(named + " data offset");
     e.bytes = in.get<std::uint64_t>(named + " data length");
+    e.checksum_offset = F::kPrefixBytes + in.position();
     e.crc32c = in.get<std::uint32_t>(named + " checksum");
     if (!tensor_index_.emplace(e.name, tensors_.size()).second) {
       throw std::runtime_error(where_ + "duplicate tensor name " + detail::quote_text(e.name));
