@@ -113,6 +113,16 @@ TEST(MappedParameters, ReadOnlyTablesServeTheInMemoryForwardAndBackwardAndRefuse
     EXPECT_THROW(s.layer.initialize(mp, 1), std::logic_error);
     EXPECT_THROW(mapped.flush(), std::logic_error);
     EXPECT_NO_THROW(mapped.verify());
+    // Evicted pages come back from the file: the same output.
+    Mat<float> y3(24, 16);
+    s.layer.forward(mp, x, y3, c2, peer::Mode::kEval);
+    s.layer.forward(s.p, x, y1, c1, peer::Mode::kEval);
+    EXPECT_TRUE(peer_test::same_bits(y1, y3)) << "before evict";
+    EXPECT_TRUE(peer_test::same_bits(peer_test::storage_bytes(s.p), peer_test::storage_bytes(mp)));
+    mapped.evict();
+    s.layer.forward(mp, x, y3, c2, peer::Mode::kEval);
+    s.layer.forward(s.p, x, y1, c1, peer::Mode::kEval);
+    EXPECT_TRUE(peer_test::same_bits(y1, y3));
   }
 }
 
@@ -129,6 +139,7 @@ TEST(MappedParameters, CopyOnWriteTrainsBitwiseLikeInMemoryAndLeavesTheFileUncha
     EXPECT_EQ(file_bytes(s.path), before);  // the file never changed
     EXPECT_THROW(mapped.verify(), std::runtime_error);  // the private pages differ from the file's checksum
     EXPECT_THROW(mapped.flush(), std::logic_error);
+    EXPECT_THROW(mapped.evict(), std::logic_error);  // would discard the changes
   }
 }
 
@@ -163,6 +174,33 @@ TEST(MappedParameters, WriteBackSurvivesCloseAndReopenAndAnUnflushedChangeIsDete
     EXPECT_THROW(peer::CheckpointReader(s.path).verify_all(), std::runtime_error);
     EXPECT_THROW(peer::MappedParameters<float>(s.path, s.layer.layout(), "peer", verified), std::runtime_error);
     EXPECT_THROW(peer::MappedParameters<float>(s.path, s.layer.layout(), "peer", {peer::MapMode::kWriteBack}), std::runtime_error);
+  }
+}
+
+// A table larger than RAM starts as a file of zeros, is initialized through a write-back mapping, and
+// flush() leaves the whole parameter set (the in-memory dense tensors too) in the file.
+TEST(MappedParameters, ACreatedFileInitializedThroughAWriteBackMappingEqualsMakeParameters) {
+  for (auto storage : kStorages) {
+    SCOPED_TRACE(peer::to_string(storage));
+    peer::PeerLayer<float> layer(config(storage));
+    const std::string path = ::testing::TempDir() + "created.ckpt";
+    peer::create_parameters_file<float>(path, layer.layout(), "pool");
+    {
+      const peer::CheckpointReader r(path);
+      EXPECT_NO_THROW(r.verify_all());
+      EXPECT_EQ(r.entry("pool." + layer.layout().tables()[0].name).offset % peer::page_size(), 0U);
+    }
+    {
+      peer::MappedParameters<float> mapped(path, layer.layout(), "pool", {peer::MapMode::kWriteBack});
+      layer.initialize(mapped.parameters(), 7);
+      mapped.flush();
+    }
+    peer::MapOptions verified;
+    verified.verify = true;
+    peer::MappedParameters<float> reopened(path, layer.layout(), "pool", verified);
+    const peer::Parameters<float> expected = layer.make_parameters(7);
+    EXPECT_TRUE(peer_test::same_bits(peer_test::storage_bytes(expected), peer_test::storage_bytes(reopened.parameters())));
+    std::remove(path.c_str());
   }
 }
 

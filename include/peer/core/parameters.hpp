@@ -96,6 +96,15 @@ class Parameters {
   RowTable<Scalar>& table(TableHandle h) { return tables_.at(static_cast<std::size_t>(h.index)); }
   const RowTable<Scalar>& table(TableHandle h) const { return tables_.at(static_cast<std::size_t>(h.index)); }
 
+  /// The name of the first read-only table (mapped with MapMode::kReadOnly), or "" when every table can be
+  /// written: what an optimizer step and a layer's initialize() check before they change anything.
+  std::string read_only_table() const {
+    for (std::size_t t = 0; t < tables_.size(); ++t) {
+      if (tables_[t].read_only()) return layout_.tables()[t].name;
+    }
+    return "";
+  }
+
   /// The flat dense buffer (layout().dense_size() scalars): what an all-reduce or a flat optimizer sees.
   Scalar* dense_data() { return dense_; }
   const Scalar* dense_data() const { return dense_; }

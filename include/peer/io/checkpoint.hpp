@@ -132,6 +132,11 @@ struct CheckpointFormat {
   /// 2 MiB, a huge page (and a multiple of every page size). The gap before such a tensor is a hole in the
   /// file (zeros that take no disk space on the usual file systems).
   static constexpr std::uint64_t kMapAlignment = std::uint64_t{2} << 20;
+  /// ... and smaller tables to 64 KiB, the largest common page size (a 2 MiB gap would dwarf them).
+  static constexpr std::uint64_t kSmallMapAlignment = std::uint64_t{64} << 10;
+  static constexpr std::uint64_t map_alignment(std::uint64_t table_bytes) {
+    return table_bytes >= kMapAlignment ? kMapAlignment : kSmallMapAlignment;
+  }
   static constexpr std::uint64_t kMaxAlignment = std::uint64_t{1} << 30;
   static constexpr std::size_t kMaxNameBytes = 4096;
   static constexpr std::size_t kMaxValueBytes = std::size_t{1} << 20;

@@ -29,6 +29,7 @@
 #include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #define PEER_HAS_MMAP 1
@@ -143,6 +144,25 @@ class MappedFileRange {
     return data_ != nullptr && ::madvise(data_, static_cast<std::size_t>(length_), MADV_HUGEPAGE) == 0;
 #else
     return false;
+#endif
+  }
+
+  /// Read-only: drops the range's pages from this process (MADV_DONTNEED) and asks the kernel to drop
+  /// them from the page cache (POSIX_FADV_DONTNEED on `fd`, which must be the mapped file), so the next
+  /// access reads from the disk again: a cold cache, for measurements, or memory given back after a
+  /// burst. Results never change. Other modes throw std::logic_error (it would discard their changes).
+  void evict(int fd, std::uint64_t offset) const {
+    if (mode_ != MapMode::kReadOnly) throw std::logic_error("MappedFileRange::evict(" + name_ + "): only read-only mappings can be evicted");
+#if defined(PEER_HAS_MMAP)
+    if (data_ == nullptr) return;
+    (void)::madvise(data_, static_cast<std::size_t>(length_), MADV_DONTNEED);
+#if defined(POSIX_FADV_DONTNEED)
+    (void)::posix_fadvise(fd, static_cast<off_t>(offset), static_cast<off_t>(length_), POSIX_FADV_DONTNEED);
+#else
+    (void)fd, (void)offset;
+#endif
+#else
+    (void)fd, (void)offset;
 #endif
   }
 

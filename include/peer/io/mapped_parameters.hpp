@@ -40,6 +40,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -63,6 +64,38 @@ struct MapOptions {
   /// kWriteBack, whatever this says.
   bool verify = false;
 };
+
+/// Writes a checkpoint of `layout`'s tensors as "<prefix>.<name>" (as TrainingCheckpoint::add_parameters
+/// names them), every value zero, tables aligned for mapping (2 MiB, or 64 KiB below 2 MiB): the file a
+/// table larger than RAM starts from. Map it with MapMode::kWriteBack, initialize the layer on
+/// parameters() and flush(). Streams the zeros in chunks: memory stays at one chunk whatever N is.
+template <typename Scalar>
+void create_parameters_file(const std::string& path, const ParameterLayout& layout, const std::string& prefix) {
+  auto full = [&](const std::string& name) { return prefix.empty() ? name : prefix + "." + name; };
+  std::vector<TensorView> views;
+  auto zeros = [](std::int64_t r0, std::int64_t r1, void* dst, std::size_t row_bytes) {
+    std::memset(dst, 0, static_cast<std::size_t>(r1 - r0) * row_bytes);
+  };
+  auto add = [&](const TensorSpec& s, DType dtype, std::uint64_t alignment) {
+    TensorView v;
+    v.name = full(s.name);
+    v.dtype = dtype;
+    v.rows = s.rows;
+    v.cols = s.cols;
+    v.alignment = alignment;
+    const std::size_t row_bytes = static_cast<std::size_t>(s.cols) * dtype_size(dtype);
+    if (s.size() > 0) v.producer = [=](std::int64_t r0, std::int64_t r1, void* dst) { zeros(r0, r1, dst, row_bytes); };
+    views.push_back(std::move(v));
+  };
+  for (const auto& s : layout.dense()) add(s, dtype_of<Scalar>(), 0);
+  for (const auto& s : layout.buffers()) add(s, dtype_of<Scalar>(), 0);
+  for (const auto& s : layout.tables()) {
+    const DType dtype = s.storage == TableStorage::kBFloat16 ? DType::kBFloat16 : dtype_of<Scalar>();
+    const auto bytes = static_cast<std::uint64_t>(s.size()) * dtype_size(dtype);
+    add(s, dtype, CheckpointFormat::map_alignment(bytes));
+  }
+  save_checkpoint(path, {{"peer.kind", "parameters"}}, views);
+}
 
 template <typename Scalar>
 class MappedParameters {
@@ -110,6 +143,12 @@ class MappedParameters {
     return n;
   }
 
+  /// Read-only: every table's pages dropped from the process and the page cache (MappedFileRange::evict),
+  /// so the next rows come from the disk. Other modes throw std::logic_error.
+  void evict() const {
+    for (const auto& t : tables_) t.range.evict(fd_, t.offset);
+  }
+
   /// Checks every mapped table against the checksum the file's header holds now (as of the last flush for
   /// kWriteBack; as of the file's writing otherwise, so for kCopyOnWrite only untouched tables pass).
   /// Throws std::runtime_error naming the table.
@@ -123,8 +162,9 @@ class MappedParameters {
     }
   }
 
-  /// kWriteBack: every table written to the file, its new CRC-32C and the header checksum stored, fsync.
-  /// When it returns, the file is a valid checkpoint holding the tables as they are now. Other modes throw
+  /// kWriteBack: every table written back (msync), the dense tensors and buffers written to their places
+  /// in the file (they live in memory), every new CRC-32C and the header checksum stored, fsync. When it
+  /// returns, the file is a valid checkpoint holding the parameters as they are now. Other modes throw
   /// std::logic_error (nothing of theirs reaches the file).
   void flush() {
 #if defined(PEER_HAS_MMAP)
@@ -136,7 +176,12 @@ class MappedParameters {
       t.crc = crc32c(t.range.data(), static_cast<std::size_t>(t.range.length()));
       detail::write_at(fd_, &t.crc, 4, t.checksum_offset, where_ + "cannot write the checksum of " + detail::quote_text(t.name));
     }
-    // The header checksum covers the bytes before it, the table checksums among them.
+    for (const auto& d : in_memory_) {
+      const std::uint32_t crc = crc32c(d.data, static_cast<std::size_t>(d.bytes));
+      detail::write_at(fd_, d.data, static_cast<std::size_t>(d.bytes), d.offset, where_ + "cannot write " + detail::quote_text(d.name));
+      detail::write_at(fd_, &crc, 4, d.checksum_offset, where_ + "cannot write the checksum of " + detail::quote_text(d.name));
+    }
+    // The header checksum covers the bytes before it, the tensors' checksums among them.
     std::vector<unsigned char> header(static_cast<std::size_t>(header_checksum_offset_));
     if (detail::read_at(fd_, header.data(), header.size(), 0, where_ + "cannot read the header") != header.size()) {
       throw std::runtime_error(where_ + "the file shrank while mapped");
@@ -148,10 +193,15 @@ class MappedParameters {
   }
 
  private:
+  struct InMemory {  // a dense tensor or buffer: read at open, written back by flush()
+    std::string name;
+    const void* data = nullptr;
+    std::uint64_t bytes = 0, offset = 0, checksum_offset = 0;
+  };
   struct Table {
     std::string name;
     MappedFileRange range;
-    std::uint64_t checksum_offset = 0;
+    std::uint64_t offset = 0, checksum_offset = 0;
     std::uint32_t crc = 0;
   };
 
@@ -186,19 +236,20 @@ class MappedParameters {
 
     dense_ = AlignedBuffer<Scalar>(layout.dense_size());
     buffers_ = AlignedBuffer<Scalar>(layout.buffer_size());
-    for (const auto& s : layout.dense()) {
-      if (s.size() > 0) reader.read(full(s.name), dtype_of<Scalar>(), s.rows, s.cols, dense_.data() + s.offset);
-    }
-    for (const auto& s : layout.buffers()) {
-      if (s.size() > 0) reader.read(full(s.name), dtype_of<Scalar>(), s.rows, s.cols, buffers_.data() + s.offset);
-    }
+    auto read = [&](const TensorSpec& s, Scalar* dst) {
+      const TensorEntry& e = reader.entry(full(s.name));
+      if (s.size() > 0) reader.read(e.name, dtype_of<Scalar>(), s.rows, s.cols, dst);
+      in_memory_.push_back(InMemory{e.name, dst, e.bytes, e.offset, e.checksum_offset});
+    };
+    for (const auto& s : layout.dense()) read(s, dense_.data() + s.offset);
+    for (const auto& s : layout.buffers()) read(s, buffers_.data() + s.offset);
     typename Parameters<Scalar>::ExternalMemory memory;
     memory.dense = dense_.data();
     memory.buffers = buffers_.data();
     for (const auto& s : layout.tables()) {
       const TensorEntry& e = reader.entry(full(s.name));
       Table t{e.name, MappedFileRange(fd_, e.offset, e.bytes, options_.mode, "table " + detail::quote_text(e.name) + " of " + path_),
-              e.checksum_offset, e.crc32c};
+              e.offset, e.checksum_offset, e.crc32c};
       (void)t.range.advise(options_.access);
       if (options_.huge_pages) (void)t.range.advise_huge_pages();
       typename Parameters<Scalar>::TableMemory m;
@@ -219,6 +270,7 @@ class MappedParameters {
   int fd_ = -1;
   std::uint64_t header_checksum_offset_ = 0;
   AlignedBuffer<Scalar> dense_, buffers_;
+  std::vector<InMemory> in_memory_;
   std::vector<Table> tables_;
   Parameters<Scalar> params_;
 };

@@ -136,9 +136,7 @@ class TrainingCheckpoint {
       v.data = t.rows * t.cols > 0 ? t.data : nullptr;
       if (t.table) {
         const auto bytes = static_cast<std::uint64_t>(t.rows * t.cols) * dtype_size(t.dtype);
-        v.alignment = table_alignment_ != kMapAligned       ? table_alignment_
-                      : bytes >= CheckpointFormat::kMapAlignment ? CheckpointFormat::kMapAlignment
-                                                                 : std::uint64_t{64} << 10;
+        v.alignment = table_alignment_ != kMapAligned ? table_alignment_ : CheckpointFormat::map_alignment(bytes);
       }
       views.push_back(std::move(v));
     }

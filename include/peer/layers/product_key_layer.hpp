@@ -173,6 +173,9 @@ class ProductKeyLayer : public detail::LayerLayout<ProductKeyLayer<Scalar, Memor
   /// sub-keys U(+-1/sqrt(Dk/2)), expert u_i, v_i ~ N(0, 1/D).
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
     check_layout(params.layout(), "params");
+    if (!params.read_only_table().empty()) {  // before anything is written
+      throw std::logic_error("initialize: table '" + params.read_only_table() + "' is read-only (mapped with MapMode::kReadOnly)");
+    }
     query_.initialize(params, seed);
     retrieval_.initialize(params, seed);
     experts_.initialize(params, seed);

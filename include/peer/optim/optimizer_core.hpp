@@ -118,12 +118,11 @@ class OptimizerCore {
     ++step_;
   }
   /// Read-only tables (mapped with MapMode::kReadOnly) are refused before anything changes.
-  void check_writable(const Parameters<Scalar>& params, const char* where) const {
-    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
-      if (params.table(TableHandle{static_cast<int>(t)}).read_only()) {
-        throw std::invalid_argument(std::string("optimizer: ") + where + ": table '" + layout_.tables()[t].name +
-                                    "' is read-only (mapped with MapMode::kReadOnly); map it copy-on-write or write-back to train it");
-      }
+  static void check_writable(const Parameters<Scalar>& params, const char* where) {
+    const std::string table = params.read_only_table();
+    if (!table.empty()) {
+      throw std::invalid_argument(std::string("optimizer: ") + where + ": table '" + table +
+                                  "' is read-only (mapped with MapMode::kReadOnly); map it copy-on-write or write-back to train it");
     }
   }
   Scalar lr_dense(std::size_t i) const { return static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.dense[i]), step_)); }
