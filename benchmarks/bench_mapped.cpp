@@ -14,7 +14,10 @@
 //
 //   bench_mapped [--side=S] [--dir=DIR] [--pool=FILE] [benchmark flags]
 //   bench_mapped --create=FILE --side=S     writes a pool: zeros, then initialized through a write-back mapping
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <map>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -68,7 +71,7 @@ const std::vector<Mat>& batches() {
 /// Runs the benchmark loop over the batches; `before` runs untimed before each batch.
 template <typename Before>
 void serve(benchmark::State& state, const peer::PeerLayer<float>& layer, peer::Parameters<float>& params, Before&& before,
-           const peer::MappedParameters<float>* mapped) {
+           const peer::MappedParameters<float>* mapped, long count = kBatches) {
   Mat y(kBatch, kDim);
   peer::PeerLayer<float>::Cache cache;
   const auto& xs = batches();
@@ -79,7 +82,7 @@ void serve(benchmark::State& state, const peer::PeerLayer<float>& layer, peer::P
     before();
     const Faults f0 = Faults::now();
     state.ResumeTiming();
-    layer.forward(params, xs[static_cast<std::size_t>(i++ % kBatches)], y, cache, peer::Mode::kEval);
+    layer.forward(params, xs[static_cast<std::size_t>(i++ % count)], y, cache, peer::Mode::kEval);
     benchmark::DoNotOptimize(y.data());
     state.PauseTiming();
     const Faults f1 = Faults::now();
@@ -98,28 +101,41 @@ void serve(benchmark::State& state, const peer::PeerLayer<float>& layer, peer::P
   if (mapped != nullptr) state.counters["table_resident_MiB"] = static_cast<double>(mapped->resident_bytes()) / (1024.0 * 1024.0);
 }
 
-void warm_up(const peer::PeerLayer<float>& layer, peer::Parameters<float>& params) {
+/// One pass over the first `count` batches (their rows are then in memory); once per parameter set, not at
+/// each of Google Benchmark's calls.
+void warm_up(const peer::PeerLayer<float>& layer, peer::Parameters<float>& params, long count) {
+  static std::vector<const void*> done;
+  if (std::find(done.begin(), done.end(), &params) != done.end()) return;
+  done.push_back(&params);
   Mat y(kBatch, kDim);
   peer::PeerLayer<float>::Cache cache;
-  for (const Mat& x : batches()) layer.forward(params, x, y, cache, peer::Mode::kEval);
+  for (long b = 0; b < count; ++b) layer.forward(params, batches()[static_cast<std::size_t>(b)], y, cache, peer::Mode::kEval);
 }
 
-void register_mapped(const std::string& name, long side, const std::string& path) {
+/// The warm and cold cases of the file at `path`: warm cycles over `count` batches after one pass over them,
+/// cold evicts every page before each batch; /huge_pages adds the cold case with MADV_HUGEPAGE.
+void register_mapped(const std::string& name, long side, const std::string& path, long count, bool huge_pages_case) {
   auto layer = std::make_shared<peer::PeerLayer<float>>(pool_config(side));
-  auto mapped = std::make_shared<std::unique_ptr<peer::MappedParameters<float>>>();
-  auto open = [=]() -> peer::MappedParameters<float>& {
-    if (!*mapped) *mapped = std::make_unique<peer::MappedParameters<float>>(path, layer->layout(), "pool");
-    return **mapped;
+  auto open = [=](bool huge) {
+    static std::map<std::pair<std::string, bool>, std::unique_ptr<peer::MappedParameters<float>>> opened;
+    auto& m = opened[{path, huge}];
+    peer::MapOptions options;
+    options.huge_pages = huge;
+    if (!m) m = std::make_unique<peer::MappedParameters<float>>(path, layer->layout(), "pool", options);
+    return m.get();
   };
   benchmark::RegisterBenchmark((name + "/warm").c_str(), [=](benchmark::State& state) {
-    auto& m = open();
-    warm_up(*layer, m.parameters());
-    serve(state, *layer, m.parameters(), [] {}, &m);
+    auto* m = open(false);
+    warm_up(*layer, m->parameters(), count);
+    serve(state, *layer, m->parameters(), [] {}, m, count);
   })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
-  benchmark::RegisterBenchmark((name + "/cold").c_str(), [=](benchmark::State& state) {
-    auto& m = open();
-    serve(state, *layer, m.parameters(), [&] { m.evict(); }, &m);
-  })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
+  for (bool huge : {false, true}) {
+    if (huge && !huge_pages_case) continue;
+    benchmark::RegisterBenchmark((name + (huge ? "/cold/huge_pages" : "/cold")).c_str(), [=](benchmark::State& state) {
+      auto* m = open(huge);
+      serve(state, *layer, m->parameters(), [=] { m->evict(); }, m);
+    })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
+  }
 }
 
 /// A pool file for `side`: zeros streamed to disk, mapped write-back, initialized, flushed.
@@ -179,14 +195,15 @@ int main(int argc, char** argv) {
     }
     const std::string in_ram = "BM_ServeInRam/side:" + std::to_string(side);
     benchmark::RegisterBenchmark(in_ram.c_str(), [=](benchmark::State& state) {
-      warm_up(*layer, *params);
+      warm_up(*layer, *params, kBatches);
       serve(state, *layer, *params, [] {}, nullptr);
     })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
-    register_mapped("BM_ServeMapped/side:" + std::to_string(side), side, file);
+    register_mapped("BM_ServeMapped/side:" + std::to_string(side), side, file, kBatches, true);
     if (!pool.empty()) {
       const peer::CheckpointReader r(pool);
       const long pool_side = static_cast<long>(std::lround(std::sqrt(static_cast<double>(r.entry("pool.experts").rows))));
-      register_mapped("BM_ServeMapped/side:" + std::to_string(pool_side) + "/pool", pool_side, pool);
+      // Warm: 8 batches (262,144 row reads), a working set that fits; the pool itself does not.
+      register_mapped("BM_ServeMapped/side:" + std::to_string(pool_side) + "/pool", pool_side, pool, 8, false);
     }
     int n = static_cast<int>(rest.size());
     benchmark::Initialize(&n, rest.data());

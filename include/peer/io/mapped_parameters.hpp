@@ -58,8 +58,12 @@ struct MapOptions {
   MapMode mode = MapMode::kReadOnly;
   /// Read-ahead advice for the tables (a batch reads random rows).
   MapAccess access = MapAccess::kRandom;
-  /// MADV_HUGEPAGE on the tables (see MappedFileRange::advise_huge_pages).
-  bool huge_pages = true;
+  /// MADV_HUGEPAGE on the tables (see MappedFileRange::advise_huge_pages). Off by default: on Linux 6.18
+  /// with ext4 it made each page fault of the file mapping read a 2 MiB folio whatever the access advice
+  /// (2.7 major faults per token instead of 123, 1.4 GiB read for a cold batch of 256 tokens from a 2 GiB
+  /// table): faster while the table is small enough to read whole, ruinous for a pool larger than RAM
+  /// (docs/mapped.md, docs/benchmarks.md).
+  bool huge_pages = false;
   /// Verify every checksum of the file before mapping (reads the whole file once); always done for
   /// kWriteBack, whatever this says.
   bool verify = false;
