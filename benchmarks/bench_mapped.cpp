@@ -128,13 +128,13 @@ void register_mapped(const std::string& name, long side, const std::string& path
     auto* m = open(false);
     warm_up(*layer, m->parameters(), count);
     serve(state, *layer, m->parameters(), [] {}, m, count);
-  })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
+  })->Unit(benchmark::kMillisecond)->UseRealTime();
   for (bool huge : {false, true}) {
     if (huge && !huge_pages_case) continue;
     benchmark::RegisterBenchmark((name + (huge ? "/cold/huge_pages" : "/cold")).c_str(), [=](benchmark::State& state) {
       auto* m = open(huge);
       serve(state, *layer, m->parameters(), [=] { m->evict(); }, m);
-    })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
+    })->Unit(benchmark::kMillisecond)->UseRealTime();
   }
 }
 
@@ -197,7 +197,7 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(in_ram.c_str(), [=](benchmark::State& state) {
       warm_up(*layer, *params, kBatches);
       serve(state, *layer, *params, [] {}, nullptr);
-    })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(4.0);
+    })->Unit(benchmark::kMillisecond)->UseRealTime();
     register_mapped("BM_ServeMapped/side:" + std::to_string(side), side, file, kBatches, true);
     if (!pool.empty()) {
       const peer::CheckpointReader r(pool);
