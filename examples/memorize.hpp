@@ -81,6 +81,39 @@ class Progress {
   Clock::time_point start_;
 };
 
+/// Training batches: the pairs in an order reshuffled every epoch (Fisher-Yates from the counter RNG), the
+/// same for every run of the same data and batch size. next(step, ...) fills the batch of step `step` (1-based).
+class Batches {
+ public:
+  Batches(const PairSet& data, long batch, std::uint64_t seed = 7)
+      : data_(data), batch_(batch), order_(static_cast<std::size_t>(data.keys.rows())), cursor_(data.keys.rows()), shuffle_(seed, 3) {
+    std::iota(order_.begin(), order_.end(), 0L);
+  }
+  void next(long step, Mat& x, std::vector<int>& labels) {
+    const long k = data_.keys.rows();
+    x.resize(batch_, data_.keys.cols());
+    labels.resize(static_cast<std::size_t>(batch_));
+    for (long r = 0; r < batch_; ++r) {
+      if (cursor_ == k) {
+        for (long i = k - 1; i > 0; --i) {
+          std::swap(order_[static_cast<std::size_t>(i)], order_[shuffle_.bits(static_cast<std::uint64_t>(step * k + i)) % static_cast<std::uint64_t>(i + 1)]);
+        }
+        cursor_ = 0;
+      }
+      const long idx = order_[static_cast<std::size_t>(cursor_++)];
+      x.row(r) = data_.keys.row(idx);
+      labels[static_cast<std::size_t>(r)] = data_.labels[static_cast<std::size_t>(idx)];
+    }
+  }
+
+ private:
+  const PairSet& data_;
+  long batch_;
+  std::vector<long> order_;
+  long cursor_;  // == pairs: shuffle before the next pair
+  peer::CounterRng shuffle_;
+};
+
 struct TrainOptions {
   long steps = 1000, batch = 512, classes = 512;
   double dense_lr = 3e-3, expert_lr = 1e-2;
@@ -116,26 +149,13 @@ TrainResult train_memorize(const std::string& label, const Layer& layer, const P
   typename Layer::Cache cache;
   Mat x(o.batch, d), h(o.batch, d), logits(o.batch, o.classes), dlogits, dh(o.batch, d), none;
   std::vector<int> labels(static_cast<std::size_t>(o.batch));
-  std::vector<long> order(static_cast<std::size_t>(k));
-  std::iota(order.begin(), order.end(), 0L);
-  const peer::CounterRng shuffle(o.seed, 3);
-  long cursor = k;
+  Batches batches(data, o.batch, o.seed);
   Progress progress(label, o.steps);
   TrainResult result;
   const auto start = Clock::now();
   double smoothed = 0;
   for (long step = 1; step <= o.steps; ++step) {
-    for (long r = 0; r < o.batch; ++r) {
-      if (cursor == k) {  // a new epoch: Fisher-Yates shuffle from the counter RNG
-        for (long i = k - 1; i > 0; --i) {
-          std::swap(order[static_cast<std::size_t>(i)], order[shuffle.bits(static_cast<std::uint64_t>(step * k + i)) % static_cast<std::uint64_t>(i + 1)]);
-        }
-        cursor = 0;
-      }
-      const long idx = order[static_cast<std::size_t>(cursor++)];
-      x.row(r) = data.keys.row(idx);
-      labels[static_cast<std::size_t>(r)] = data.labels[static_cast<std::size_t>(idx)];
-    }
+    batches.next(step, x, labels);
     layer.forward(params, x, h, cache, peer::Mode::kTrain);
     readout.forward(rparams, h, logits);
     long correct = 0;

@@ -6,17 +6,6 @@ namespace {
 
 using namespace peer_test;
 
-// Expects `call` to throw E whose message contains `text`.
-template <typename E, typename F>
-void expect_error(F&& call, const std::string& text) {
-  try {
-    call();
-    ADD_FAILURE() << "no exception; expected: " << text;
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << "message: " << e.what() << "\nexpected: " << text;
-  }
-}
-
 TEST(Contracts, ForwardAssignsAndBackwardAddsExactlyOnce) {
   const peer::PeerConfig c = small_config(8, 5, 2, 6, 3, 3);
   peer::PeerLayer<float> layer(c);

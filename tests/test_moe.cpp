@@ -7,17 +7,6 @@ namespace {
 
 using namespace peer_test;
 
-// Expects `call` to throw E whose message contains `text`.
-template <typename E, typename F>
-void expect_error(F&& call, const std::string& text) {
-  try {
-    call();
-    ADD_FAILURE() << "no exception; expected: " << text;
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << "message: " << e.what() << "\nexpected: " << text;
-  }
-}
-
 peer::MoeConfig small_moe(peer::MoeRouting routing, Index d = 6, Index e = 5, Index f = 4, Index k = 2) {
   peer::MoeConfig c;
   c.model_dim = d;

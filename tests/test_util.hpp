@@ -30,6 +30,18 @@
 
 namespace peer_test {
 
+// Expects `call` to throw E whose message contains `text`.
+template <typename E, typename F>
+void expect_error(F&& call, const std::string& text) {
+  try {
+    call();
+    ADD_FAILURE() << "no exception; expected: " << text;
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << "message: " << e.what() << "\nexpected: " << text;
+  }
+}
+
+
 using peer::Index;
 template <typename S>
 using Mat = peer::RowMatrix<S>;

@@ -40,6 +40,7 @@
 #include "peer/layers/gating.hpp"
 #include "peer/layers/peer_config.hpp"
 #include "peer/layers/peer_layer.hpp"
+#include "peer/layers/pool_growth.hpp"
 #include "peer/layers/product_key_layer.hpp"
 #include "peer/layers/product_key_memory.hpp"
 

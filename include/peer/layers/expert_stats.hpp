@@ -90,6 +90,24 @@ class ExpertStats {
     return std::log(static_cast<double>(weight_.size())) + sum;
   }
 
+  /// These statistics over a pool of `num_experts` in which expert i is now expert map(i) (a pool that
+  /// grew: peer/layers/pool_growth.hpp); experts nothing moves to start at 0, the token count is kept.
+  template <typename Map>
+  ExpertStats moved(Index num_experts, Map&& map) const {
+    ExpertStats out(num_experts);
+    for (std::size_t i = 0; i < weight_.size(); ++i) {
+      const auto to = static_cast<Index>(map(static_cast<ExpertId>(i)));
+      if (to < 0 || to >= num_experts) {
+        detail::throw_invalid("ExpertStats::moved: expert " + detail::to_text(i) + " moves to", to,
+                              "which must be in [0, " + detail::to_text(num_experts) + ")");
+      }
+      out.weight_[static_cast<std::size_t>(to)] += weight_[i];
+      out.count_[static_cast<std::size_t>(to)] += count_[i];
+    }
+    out.tokens_ = tokens_;
+    return out;
+  }
+
   /// The `count` experts with the largest z' (ties to the lower id), largest first.
   std::vector<ExpertCount> most_used(Index count) const { return extremes(count, true); }
   /// The `count` USED experts (z' != 0) with the smallest z', smallest first.
