@@ -33,12 +33,7 @@ Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto value = [&](long& field) {
-      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
-      char* end = nullptr;
-      field = std::strtol(argv[++i], &end, 10);
-      if (*end != '\0' || field <= 0) throw std::invalid_argument(a + " = " + argv[i] + " must be a positive integer");
-    };
+    auto value = [&](long& field) { field = demo::integer_option(argc, argv, i, 1); };
     if (a == "--pairs") value(o.pairs);
     else if (a == "--classes") value(o.classes);
     else if (a == "--dim") value(o.dim);

@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,18 @@ namespace demo {
 
 using Mat = peer::RowMatrix<float>;
 using Clock = std::chrono::steady_clock;
+
+/// The integer after option argv[i] (i moves past it), at least `least`; throws naming the option.
+inline long integer_option(int argc, char** argv, int& i, long least) {
+  const std::string name = argv[i];
+  if (i + 1 >= argc) throw std::invalid_argument(name + " needs a value");
+  char* end = nullptr;
+  const long value = std::strtol(argv[++i], &end, 10);
+  if (*end != '\0' || value < least) {
+    throw std::invalid_argument(name + " = " + argv[i] + " must be an integer >= " + std::to_string(least));
+  }
+  return value;
+}
 
 /// K random keys x_k ~ N(0, I_D) with labels uniform in [0, C).
 struct PairSet {

@@ -46,12 +46,7 @@ Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto value = [&](long& field) {
-      if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
-      char* end = nullptr;
-      field = std::strtol(argv[++i], &end, 10);
-      if (*end != '\0' || field < 0) throw std::invalid_argument(a + " = " + argv[i] + " must be a non-negative integer");
-    };
+    auto value = [&](long& field) { field = demo::integer_option(argc, argv, i, 0); };
     if (a == "--dim") value(o.dim);
     else if (a == "--experts") value(o.experts);
     else if (a == "--heads") value(o.heads);

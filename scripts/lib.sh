@@ -3,8 +3,9 @@
 
 # The Debian packages the project builds with.
 PEER_PACKAGES=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev python3-numpy)
-# What scripts/test adds: clang with its OpenMP and sanitizer runtimes for the sanitizer stage.
-PEER_TEST_PACKAGES=(clang libomp-14-dev libclang-rt-14-dev)
+# What scripts/test adds: clang with its OpenMP and sanitizer runtimes for the sanitizer stage, Open MPI for
+# the MPI tests.
+PEER_TEST_PACKAGES=(clang libomp-14-dev libclang-rt-14-dev libopenmpi-dev openmpi-bin)
 
 # ensure_packages PKG...: installs the missing ones with apt-get when root; otherwise prints the exact
 # command to run and exits non-zero.

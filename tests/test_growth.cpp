@@ -114,7 +114,7 @@ void expect_grown(const Layer& old_layer, const peer::Parameters<S>& old, const 
 
 template <typename Layer>
 void grow_and_check(const peer::PeerConfig& c) {
-  using S = double;
+  using S = float;
   const Layer layer(c);
   auto p = layer.make_parameters(3);
   peer::Adam<S> adam(layer.layout(), groups(), peer::AdamConfig::adamw());
@@ -134,8 +134,8 @@ TEST(Growth, MovesEveryRowWhereANaiveDerivationPutsIt) {
       peer::PeerConfig c = peer_test::small_config(8, 5, 2, 8, 3, 3);
       c.key_sharing = sharing;
       c.expert_storage = storage;
-      grow_and_check<peer::PeerLayer<double>>(c);
-      grow_and_check<peer::ProductKeyMemory<double>>(c);
+      grow_and_check<peer::PeerLayer<float>>(c);
+      grow_and_check<peer::ProductKeyMemory<float>>(c);
     }
   }
 }

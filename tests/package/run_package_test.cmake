@@ -22,9 +22,12 @@ endif()
 
 run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/consumer-build -G ${GENERATOR}
     -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DCMAKE_BUILD_TYPE=Release -DMODE=${MODE}
-    -DPEER_SOURCE_DIR=${PEER_SOURCE_DIR} ${extra})
+    -DPEER_SOURCE_DIR=${PEER_SOURCE_DIR} -DEXPECT_MPI=${EXPECT_MPI} ${extra})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer-build)
 run(${WORK_DIR}/consumer-build/consumer)
 if(MODE STREQUAL "find_package")
   run(${WORK_DIR}/consumer-build/consumer_c)
+  if(EXPECT_MPI)
+    run(${WORK_DIR}/consumer-build/consumer_mpi)  # one rank (an MPI singleton)
+  endif()
 endif()
