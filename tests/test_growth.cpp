@@ -519,6 +519,33 @@ TEST(Growth, GrowsOneLayerOfAModel) {
   }
 }
 
+// The grown parameters may live in a file: a pool grown into a write-back mapping (a pool larger than RAM
+// grows the same way), flushed, reopened read-only, equals the pool grown in memory bit for bit.
+TEST(Growth, GrowsIntoAWriteBackMappedFile) {
+  using S = float;
+  const peer::PeerLayer<S> layer(peer_test::small_config(8, 5, 2, 8, 3, 3));
+  auto p = layer.make_parameters(3);
+  peer::Adam<S> adam(layer.layout(), groups(), peer::AdamConfig::adamw());
+  train<S>(layer, p, adam, 3, 101);
+  const peer::PoolGrowth growth(layer, 9);
+  const peer::PeerLayer<S> grown_layer(growth.grown_config());
+  auto in_memory = grown_layer.make_parameters(4);
+  peer::grow_parameters({growth}, p, in_memory);
+  const std::string path = ::testing::TempDir() + "growth_mapped.ckpt";
+  peer::create_parameters_file<S>(path, grown_layer.layout(), "peer");
+  {
+    peer::MappedParameters<S> mapped(path, grown_layer.layout(), "peer", {peer::MapMode::kWriteBack});
+    grown_layer.initialize(mapped.parameters(), 4);
+    peer::grow_parameters({growth}, p, mapped.parameters());
+    mapped.flush();
+  }
+  peer::MapOptions verified{peer::MapMode::kReadOnly};
+  verified.verify = true;
+  peer::MappedParameters<S> reopened(path, grown_layer.layout(), "peer", verified);
+  EXPECT_EQ(peer_test::storage_bytes(reopened.parameters()), peer_test::storage_bytes(in_memory));
+  std::remove(path.c_str());
+}
+
 TEST(Growth, RefusesWhatItCannotGrow) {
   using S = float;
   const peer::PeerLayer<S> layer(peer_test::small_config(8, 5, 2, 8, 3, 3));
