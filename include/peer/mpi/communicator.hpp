@@ -91,7 +91,12 @@ class Communicator {
   /// each rank's length and start. The same on every rank.
   template <typename T>
   void all_gather_v(const std::vector<T>& mine, std::vector<T>& out, std::vector<int>& counts, std::vector<int>& offsets) const {
-    const int n = to_int(mine.size(), "all_gather_v count");
+    all_gather_v(mine.data(), mine.size(), out, counts, offsets);
+  }
+  /// The same from `size` values at `mine` (sent from there, without a copy).
+  template <typename T>
+  void all_gather_v(const T* mine, std::size_t size, std::vector<T>& out, std::vector<int>& counts, std::vector<int>& offsets) const {
+    const int n = to_int(size, "all_gather_v count");
     counts = all_gather(&n, 1);
     offsets.assign(static_cast<std::size_t>(size_), 0);
     std::int64_t total = 0;
@@ -100,7 +105,7 @@ class Communicator {
       total += counts[static_cast<std::size_t>(r)];
     }
     out.resize(static_cast<std::size_t>(total));
-    check(MPI_Allgatherv(mine.data(), n, datatype<T>(), out.data(), counts.data(), offsets.data(), datatype<T>(), comm_),
+    check(MPI_Allgatherv(mine, n, datatype<T>(), out.data(), counts.data(), offsets.data(), datatype<T>(), comm_),
           "MPI_Allgatherv");
   }
 

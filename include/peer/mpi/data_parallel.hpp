@@ -200,8 +200,8 @@ class DataParallel {
       return;
     }
     comm_.all_gather_v(grad.ids(), ids_, id_counts_, id_offsets_);
-    mine_.assign(grad.values().data(), grad.values().data() + grad.size() * cols);
-    comm_.all_gather_v(mine_, rows_, row_counts_, row_offsets_);
+    // The rows go straight from the gradient's storage (contiguous: rows of cols values).
+    comm_.all_gather_v(grad.values().data(), static_cast<std::size_t>(grad.size() * cols), rows_, row_counts_, row_offsets_);
     traffic_.table_bytes += static_cast<std::int64_t>(p - 1) *
                             (grad.size() * static_cast<std::int64_t>(sizeof(ExpertId)) + grad.size() * cols * static_cast<std::int64_t>(sizeof(Scalar)));
     // The union of the ids, ascending.
@@ -233,7 +233,7 @@ class DataParallel {
   Communicator comm_;
   ParameterLayout layout_;
   Traffic traffic_;
-  std::vector<Scalar> chunks_, mine_, rows_;
+  std::vector<Scalar> chunks_, rows_;
   std::vector<ExpertId> ids_, merged_;
   std::vector<int> id_counts_, id_offsets_, row_counts_, row_offsets_;
   std::vector<unsigned char> filled_;
