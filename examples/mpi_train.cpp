@@ -1,10 +1,14 @@
-// Data-parallel PEER training over MPI (peer/mpi/data_parallel.hpp) on the demo's memorization task:
-//   mpirun -np 2 build/dev/examples/peer_mpi_train      (and -np 1 for the single-process curve)
-// Every step's global batch of B pairs is split into P slices, one per rank; gradients are all-reduced
-// (dense: one flat buffer; the expert table: (ids, rows) only), every rank steps the same AdamW, and
-// rank 0 prints the evaluation over all pairs, the step time and the bytes each rank sent per step.
-// It checks itself (exit status 1): the replicas are identical at the end and the loss fell.
+// PEER training over MPI on the demo's memorization task, data-parallel (peer/mpi/data_parallel.hpp) or
+// with the expert table sharded by rows over the ranks (--sharded, peer/mpi/expert_sharded.hpp):
+//   mpirun -np 2 build/dev/examples/peer_mpi_train [--sharded]   (and -np 1 for the single-process curve)
+// Every step's global batch of B pairs is split into P slices, one per rank. Data parallel: gradients are
+// all-reduced (dense: one flat buffer; the expert table: (ids, rows) only). Sharded: the replicated tensors
+// are all-reduced, each rank holds and updates 1/P of the table, tokens travel to the rows' owners. Every
+// rank steps AdamW; rank 0 prints the evaluation over all pairs, the step time, the bytes each rank sent
+// per step and the table bytes a rank holds. It checks itself (exit status 1): the replicated tensors are
+// identical on every rank at the end and the loss fell.
 #include <peer/mpi/data_parallel.hpp>
+#include <peer/mpi/expert_sharded.hpp>
 #include <peer/peer.hpp>
 
 #include "memorize.hpp"
@@ -21,6 +25,7 @@ using Mat = peer::RowMatrix<float>;
 
 struct Options {
   long pairs = 8192, classes = 256, dim = 64, sub_keys = 32, steps = 600, batch = 256, every = 100;
+  bool sharded = false;
 };
 
 Options parse(int argc, char** argv) {
@@ -28,35 +33,29 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&](long& field) { field = demo::integer_option(argc, argv, i, 1); };
-    if (a == "--pairs") value(o.pairs);
+    if (a == "--sharded") o.sharded = true;
+    else if (a == "--pairs") value(o.pairs);
     else if (a == "--steps") value(o.steps);
     else if (a == "--batch") value(o.batch);
     else if (a == "--every") value(o.every);
     else if (a == "--sub-keys") value(o.sub_keys);
-    else throw std::invalid_argument("unknown option " + a + " (options: --pairs --steps --batch --every --sub-keys)");
+    else throw std::invalid_argument("unknown option " + a + " (options: --sharded --pairs --steps --batch --every --sub-keys)");
   }
   return o;
 }
 
-}  // namespace
+// Bytes the sharded table's exchanges sent from this rank in the last step (0 for data parallel, whose
+// table bytes DataParallel counts).
+std::int64_t table_exchange_bytes(const peer::PeerLayer<float>&) { return 0; }
+std::int64_t table_exchange_bytes(const peer::mpi::ShardedPeerLayer<float>& layer) {
+  return layer.experts().last_forward_traffic().bytes_sent + layer.experts().last_backward_traffic().bytes_sent;
+}
 
-int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  const int code = peer::mpi::run_or_abort(MPI_COMM_WORLD, [&]() -> int {
-    const peer::mpi::Communicator comm;
-    const Options o = parse(argc, argv);
+// The training loop, for a PeerLayer (data parallel) or a ShardedPeerLayer.
+template <typename Layer>
+int train(const peer::mpi::Communicator& comm, const Options& o, const peer::PeerConfig& config, const Layer& layer) {
     const int p = comm.size(), me = comm.rank();
-    if (o.batch % p != 0) throw std::invalid_argument("--batch " + std::to_string(o.batch) + " must be a multiple of the rank count " + std::to_string(p));
     const long local = o.batch / p;
-    peer::PeerConfig config;
-    config.model_dim = o.dim;
-    config.key_dim = 32;
-    config.num_heads = 4;
-    config.top_k = 8;
-    config.sub_key_top_k = 8;
-    config.num_experts = o.sub_keys * o.sub_keys;
-    peer::mpi::require_same(comm, "PeerConfig", peer::mpi::fields_text(config.to_fields()));
-    const peer::PeerLayer<float> layer(config);
     peer::Linear<float> readout(o.dim, o.classes, peer::Bias::kLearned);
     // One model: the PEER layer and the readout in one ModelLayout, so one all-reduce covers both.
     peer::ModelLayout model;
@@ -69,20 +68,22 @@ int main(int argc, char** argv) {
     peer::LayerViews<float> views(model, params, grads);
     layer.initialize(views.params(l_peer), 1);
     readout.initialize(views.params(l_readout), 1);
-    peer::mpi::DataParallel<float> dp(comm, model.layout());
+    const std::vector<std::string> sharded = o.sharded ? std::vector<std::string>{"peer.experts"} : std::vector<std::string>{};
+    peer::mpi::DataParallel<float> dp(comm, model.layout(), sharded);
     dp.broadcast(params);
     peer::Adam<float> adam(model.layout(), peer::default_param_groups(3e-3, peer::LrSchedule::warmup(50), 1e-2),
                            peer::AdamConfig::adamw());
 
     const demo::PairSet data(o.pairs, o.dim, o.classes, 7);
     demo::Batches batches(data, o.batch);
-    peer::PeerLayer<float>::Cache cache;
+    typename Layer::Cache cache;
     peer::Linear<float>::Scratch scratch;
     Mat x, h(local, o.dim), logits(local, o.classes), dlogits, dh, none;
     std::vector<int> labels;
     if (me == 0) {
-      std::printf("data-parallel PEER on %d rank(s): %ld experts, D = %ld, global batch %ld (%ld per rank), %ld pairs\n", p,
-                  config.num_experts, o.dim, o.batch, local, o.pairs);
+      std::printf("%s PEER on %d rank(s): %ld experts, D = %ld, global batch %ld (%ld per rank), %ld pairs; rank 0 holds %.0f KiB of the table\n",
+                  o.sharded ? "expert-sharded" : "data-parallel", p, config.num_experts, o.dim, o.batch, local, o.pairs,
+                  static_cast<double>(views.params(l_peer).table(peer::TableHandle{0}).bytes()) / 1024.0);
       std::printf("   step   eval loss   accuracy   ms/step   sent/step per rank (dense + table)\n");
     }
     double first_loss = -1, last_loss = 0, seconds = 0;
@@ -107,10 +108,11 @@ int main(int argc, char** argv) {
       dp.broadcast_buffers(params);
       seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       dense_bytes += dp.last_traffic().dense_bytes;
-      table_bytes += dp.last_traffic().table_bytes;
+      table_bytes += dp.last_traffic().table_bytes + table_exchange_bytes(layer);
       if (step % o.every == 0 || step == o.steps) {
-        // Every replica is the same: rank 0 evaluates all pairs on its own.
-        if (me == 0) {
+        // Every replica is the same: rank 0 evaluates all pairs on its own (sharded: every rank takes part
+        // in the forward, which is collective, and rank 0 prints).
+        if (me == 0 || o.sharded) {
           double loss = 0;
           long right = 0;
           for (long b0 = 0; b0 < o.pairs; b0 += 512) {
@@ -126,16 +128,38 @@ int main(int argc, char** argv) {
           loss /= static_cast<double>(o.pairs);
           if (first_loss < 0) first_loss = loss;
           last_loss = loss;
-          std::printf("%7ld   %9.4f   %7.1f%%   %7.2f   %.0f + %.0f KiB\n", step, loss, 100.0 * static_cast<double>(right) / static_cast<double>(o.pairs),
+          if (me == 0) std::printf("%7ld   %9.4f   %7.1f%%   %7.2f   %.0f + %.0f KiB\n", step, loss, 100.0 * static_cast<double>(right) / static_cast<double>(o.pairs),
                       1e3 * seconds / static_cast<double>(step), static_cast<double>(dense_bytes) / static_cast<double>(step) / 1024.0,
                       static_cast<double>(table_bytes) / static_cast<double>(step) / 1024.0);
         }
       }
     }
-    dp.require_identical(params);  // throws on every rank if the replicas drifted apart
+    dp.require_identical(params);  // throws on every rank if the replicated tensors drifted apart
     const int ok = me != 0 || (first_loss > 0 && last_loss < first_loss);
-    if (me == 0) std::printf(ok ? "replicas identical on every rank; the loss fell\n" : "FAIL: the loss did not fall\n");
+    if (me == 0) std::printf(ok ? "replicated tensors identical on every rank; the loss fell\n" : "FAIL: the loss did not fall\n");
     return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  const int code = peer::mpi::run_or_abort(MPI_COMM_WORLD, [&]() -> int {
+    const peer::mpi::Communicator comm;
+    const Options o = parse(argc, argv);
+    if (o.batch % comm.size() != 0) {
+      throw std::invalid_argument("--batch " + std::to_string(o.batch) + " must be a multiple of the rank count " + std::to_string(comm.size()));
+    }
+    peer::PeerConfig config;
+    config.model_dim = o.dim;
+    config.key_dim = 32;
+    config.num_heads = 4;
+    config.top_k = 8;
+    config.sub_key_top_k = 8;
+    config.num_experts = o.sub_keys * o.sub_keys;
+    if (o.sharded) return train(comm, o, config, peer::mpi::make_sharded_peer_layer<float>(config, comm));
+    peer::mpi::require_same(comm, "PeerConfig", peer::mpi::fields_text(config.to_fields()));
+    return train(comm, o, config, peer::PeerLayer<float>(config));
   });
   MPI_Finalize();
   return code;

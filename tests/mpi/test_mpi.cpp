@@ -11,10 +11,12 @@
 // must end every rank with the message (ctest checks the message and the timeout).
 //
 // Not GoogleTest: a failed check must not change which collectives a rank enters, so checks only count,
-// and the ranks agree on the count at the end.
+// and the ranks agree on the count at the end (mpi_check.hpp).
 
 #include <peer/mpi/data_parallel.hpp>
 #include <peer/peer.hpp>
+
+#include "mpi_check.hpp"
 
 #include <cmath>
 #include <cstdio>
@@ -24,43 +26,7 @@
 
 namespace {
 
-using Index = peer::Index;
-template <typename S>
-using Mat = peer::RowMatrix<S>;
-
-int failures = 0;
-int rank_ = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) return;
-  ++failures;
-  std::fprintf(stderr, "FAILED on rank %d: %s\n", rank_, what.c_str());
-}
-
-template <typename S>
-Mat<S> random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  Mat<S> m(rows, cols);
-  const peer::CounterRng rng(seed, 1);
-  std::vector<double> v(static_cast<std::size_t>(rows * cols));
-  peer::fill_normal(rng, 0, rows * cols, 1.0, v.data());
-  for (Index i = 0; i < rows * cols; ++i) m.data()[i] = static_cast<S>(v[static_cast<std::size_t>(i)]);
-  return m;
-}
-
-template <typename S>
-std::vector<unsigned char> bytes_of(const peer::Parameters<S>& p) {
-  std::vector<unsigned char> out;
-  const auto* d = reinterpret_cast<const unsigned char*>(p.dense_data());
-  out.insert(out.end(), d, d + p.layout().dense_size() * static_cast<Index>(sizeof(S)));
-  const auto* b = reinterpret_cast<const unsigned char*>(p.buffer_data());
-  out.insert(out.end(), b, b + p.layout().buffer_size() * static_cast<Index>(sizeof(S)));
-  for (std::size_t t = 0; t < p.layout().tables().size(); ++t) {
-    const auto& table = p.table(peer::TableHandle{static_cast<int>(t)});
-    const auto* c = static_cast<const unsigned char*>(table.storage_data());
-    out.insert(out.end(), c, c + table.bytes());
-  }
-  return out;
-}
+using namespace peer_mpi_test;
 
 peer::PeerConfig config(peer::QueryNorm norm) {
   peer::PeerConfig c;
@@ -177,17 +143,6 @@ void data_parallel_matches_one_large_batch(const peer::mpi::Communicator& comm) 
   check(worst <= 1e-13 * std::max(1.0, scale), "one large batch: gradients differ by " + std::to_string(worst));
 }
 
-template <typename E, typename F>
-void expect_error_everywhere(const std::string& text, F&& call) {
-  std::string got = "no exception";
-  try {
-    call();
-  } catch (const E& e) {
-    got = e.what();
-  }
-  check(got.find(text) != std::string::npos, "expected an error containing '" + text + "', got: " + got);
-}
-
 void refusals(const peer::mpi::Communicator& comm) {
   const int last = comm.size() - 1;
   // A configuration that differs on the last rank: every rank throws the same message.
@@ -237,9 +192,7 @@ int main(int argc, char** argv) {
     data_parallel_equals_accumulation<double>(comm, "double");
     data_parallel_matches_one_large_batch(comm);
     refusals(comm);
-    const std::int64_t worst = comm.max(failures);
-    if (comm.rank() == 0) std::printf("%s on %d ranks\n", worst == 0 ? "all MPI checks passed" : "MPI checks FAILED", comm.size());
-    return worst == 0 ? 0 : 1;
+    return finish(comm, "data-parallel checks");
   });
   MPI_Finalize();
   return code;

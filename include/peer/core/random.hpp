@@ -110,20 +110,23 @@ inline std::uint64_t stream_of(const std::string& name) {
 
 namespace detail {
 
-/// Row r of `table` = std_dev * N(0, 1) from the stream of (seed, name) at counters r * cols ...: the same
-/// values whatever the thread count; a bf16 table gets them rounded to nearest.
+/// Row r of `table` = std_dev * N(0, 1) from the stream of (seed, name) at counters g * cols ..., where
+/// g = r * row_stride + first_row is the row's number in the whole table (a shard holding every
+/// row_stride-th row from first_row gets exactly the rows the whole table would have): the same values
+/// whatever the thread count; a bf16 table gets them rounded to nearest.
 template <typename Scalar>
-void fill_table_normal(RowTable<Scalar>& table, std::uint64_t seed, const std::string& name, double std_dev) {
+void fill_table_normal(RowTable<Scalar>& table, std::uint64_t seed, const std::string& name, double std_dev,
+                       Index row_stride = 1, Index first_row = 0) {
   const CounterRng rng(seed, stream_of(name));
   const Index cols = table.cols();
   parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
     std::vector<Scalar> row(table.is_bf16() ? static_cast<std::size_t>(cols) : 0);
     for (Index r = r0; r < r1; ++r) {
       if (table.is_bf16()) {
-        fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, row.data());
+        fill_normal(rng, static_cast<std::uint64_t>((r * row_stride + first_row) * cols), cols, std_dev, row.data());
         table.write_row(r, row.data());
       } else {
-        fill_normal(rng, static_cast<std::uint64_t>(r * cols), cols, std_dev, table.row(r));
+        fill_normal(rng, static_cast<std::uint64_t>((r * row_stride + first_row) * cols), cols, std_dev, table.row(r));
       }
     }
   });

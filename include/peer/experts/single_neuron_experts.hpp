@@ -96,12 +96,7 @@ class SingleNeuronExperts {
   void forward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& x, const ConstIdMatrixRef& ids,
                const ConstMatrixRef<Scalar>& gates, MatrixRef<Scalar> y, MatrixRef<Scalar> z) const {
     const Index b_count = x.rows(), slots = ids.cols(), d = model_dim();
-    detail::check_shape("x", x.rows(), x.cols(), b_count, d);
-    detail::check_shape("gates", gates.rows(), gates.cols(), b_count, slots);
-    detail::check_shape("ids", ids.rows(), ids.cols(), b_count, slots);
-    detail::check_shape("y", y.rows(), y.cols(), b_count, d);
-    detail::check_shape("z", z.rows(), z.cols(), b_count, slots);
-    detail::check_ids(ids, num_experts());
+    check_forward_arguments(x, ids, gates, y, z, num_experts(), d);
     const auto& table = params.table(table_);
     const Activation act = config_.activation;
     parallel_for(b_count, kTokenGrain, [&](Index t0, Index t1, int) {
@@ -127,14 +122,7 @@ class SingleNeuronExperts {
                 const ConstMatrixRef<Scalar>& gates, const ConstMatrixRef<Scalar>& z, const ConstMatrixRef<Scalar>& dy,
                 MatrixRef<Scalar> dx, MatrixRef<Scalar> dgates, Gradients<Scalar>& grads, Workspace& ws) const {
     const Index b_count = x.rows(), slots = ids.cols(), d = model_dim();
-    detail::check_shape("x", x.rows(), x.cols(), b_count, d);
-    detail::check_shape("ids", ids.rows(), ids.cols(), b_count, slots);
-    detail::check_shape("gates", gates.rows(), gates.cols(), b_count, slots);
-    detail::check_shape("z", z.rows(), z.cols(), b_count, slots);
-    detail::check_shape("dy", dy.rows(), dy.cols(), b_count, d);
-    if (dx.rows() > 0) detail::check_shape("dx", dx.rows(), dx.cols(), b_count, d);
-    detail::check_shape("dgates", dgates.rows(), dgates.cols(), b_count, slots);
-    detail::check_ids(ids, num_experts());
+    check_backward_arguments(x, ids, gates, z, dy, dx, dgates, num_experts(), d);
     const auto& table = params.table(table_);
     const Activation act = config_.activation;
     const Index items = b_count * slots;
@@ -164,6 +152,34 @@ class SingleNeuronExperts {
       row.head(d) += ws.coef_u[static_cast<std::size_t>(item)] * x.row(t);
       row.tail(d) += ws.coef_v[static_cast<std::size_t>(item)] * dy.row(t);
     });
+  }
+
+  /// forward()'s checks of its arguments (std::invalid_argument naming the first that is wrong).
+  static void check_forward_arguments(const ConstMatrixRef<Scalar>& x, const ConstIdMatrixRef& ids,
+                                      const ConstMatrixRef<Scalar>& gates, const MatrixRef<Scalar>& y,
+                                      const MatrixRef<Scalar>& z, Index num_experts, Index d) {
+    const Index b_count = x.rows(), slots = ids.cols();
+    detail::check_shape("x", x.rows(), x.cols(), b_count, d);
+    detail::check_shape("gates", gates.rows(), gates.cols(), b_count, slots);
+    detail::check_shape("ids", ids.rows(), ids.cols(), b_count, slots);
+    detail::check_shape("y", y.rows(), y.cols(), b_count, d);
+    detail::check_shape("z", z.rows(), z.cols(), b_count, slots);
+    detail::check_ids(ids, num_experts);
+  }
+  /// backward()'s checks of its arguments.
+  static void check_backward_arguments(const ConstMatrixRef<Scalar>& x, const ConstIdMatrixRef& ids,
+                                       const ConstMatrixRef<Scalar>& gates, const ConstMatrixRef<Scalar>& z,
+                                       const ConstMatrixRef<Scalar>& dy, const MatrixRef<Scalar>& dx,
+                                       const MatrixRef<Scalar>& dgates, Index num_experts, Index d) {
+    const Index b_count = x.rows(), slots = ids.cols();
+    detail::check_shape("x", x.rows(), x.cols(), b_count, d);
+    detail::check_shape("ids", ids.rows(), ids.cols(), b_count, slots);
+    detail::check_shape("gates", gates.rows(), gates.cols(), b_count, slots);
+    detail::check_shape("z", z.rows(), z.cols(), b_count, slots);
+    detail::check_shape("dy", dy.rows(), dy.cols(), b_count, d);
+    if (dx.rows() > 0) detail::check_shape("dx", dx.rows(), dx.cols(), b_count, d);
+    detail::check_shape("dgates", dgates.rows(), dgates.cols(), b_count, slots);
+    detail::check_ids(ids, num_experts);
   }
 
  private:

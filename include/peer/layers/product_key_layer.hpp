@@ -54,6 +54,11 @@ inline QueryNetworkConfig query_network_config(const PeerConfig& c) {
   return q;
 }
 
+/// The memory's configuration for a PEER configuration.
+inline ExpertPoolConfig expert_pool_config(const PeerConfig& c) {
+  return ExpertPoolConfig{c.num_experts, c.model_dim, c.activation, c.expert_storage};
+}
+
 /// A product-key layer over Scalar (float or double) with a row memory and a pluggable query network (see
 /// query_network.hpp for the interface a custom one implements).
 ///
@@ -112,10 +117,23 @@ class ProductKeyLayer : public detail::LayerLayout<ProductKeyLayer<Scalar, Memor
 
   /// Uses a caller-built query network; its input_dim() must be D and output_dim() H * Dk.
   ProductKeyLayer(const PeerConfig& config, QueryNet query_network)
+      : ProductKeyLayer(config, std::move(query_network), Memory(expert_pool_config(config))) {}
+
+  /// Uses a caller-built query network and memory (one that needs more than ExpertPoolConfig to be built,
+  /// as peer::mpi::ShardedExperts needs its communicator); memory.config() must be expert_pool_config(config).
+  ProductKeyLayer(const PeerConfig& config, QueryNet query_network, Memory memory)
       : config_(checked(config)),
         query_(std::move(query_network)),
         retrieval_(product_key_config(config)),
-        experts_(ExpertPoolConfig{config.num_experts, config.model_dim, config.activation, config.expert_storage}) {
+        experts_(std::move(memory)) {
+    const ExpertPoolConfig want = expert_pool_config(config_), have = experts_.config();
+    if (have.num_experts != want.num_experts || have.model_dim != want.model_dim || have.activation != want.activation ||
+        have.storage != want.storage) {
+      throw std::invalid_argument("ProductKeyLayer: the memory's ExpertPoolConfig (num_experts = " + detail::to_text(have.num_experts) +
+                                  ", model_dim = " + detail::to_text(have.model_dim) +
+                                  ") must be the one the PeerConfig gives (num_experts = " + detail::to_text(want.num_experts) +
+                                  ", model_dim = " + detail::to_text(want.model_dim) + ", the same activation and expert_storage)");
+    }
     if (query_.input_dim() != config_.model_dim) {
       detail::throw_invalid("query network input_dim()", query_.input_dim(),
                             "must equal PeerConfig.model_dim = " + detail::to_text(config_.model_dim));

@@ -27,6 +27,7 @@
 /// ranks whose layouts differ.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -37,20 +38,23 @@
 #include "peer/core/parameter_layout.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/io/checkpoint.hpp"
+#include "peer/optim/optimizer.hpp"
 #include "peer/mpi/communicator.hpp"
 
 namespace peer {
 namespace mpi {
 
-/// A layout as the text ranks compare: every tensor's kind, name, shape, storage and offset, one per line.
-inline std::string layout_text(const ParameterLayout& layout) {
+/// A layout as the text ranks compare: every tensor's kind, name, shape, storage and offset, one per line;
+/// a table named in `sharded` is "sharded" and its rows left out (each rank holds its own shard).
+inline std::string layout_text(const ParameterLayout& layout, const std::vector<std::string>& sharded = {}) {
   std::string out = "scalar_bytes " + std::to_string(layout.scalar_bytes()) + "\n";
   const char* kinds[] = {"dense", "buffer", "table"};
   int k = 0;
   for (const auto* list : {&layout.dense(), &layout.buffers(), &layout.tables()}) {
     for (const auto& s : *list) {
-      out += std::string(kinds[k]) + " " + s.name + " [" + std::to_string(s.rows) + ", " + std::to_string(s.cols) + "] " +
-             to_string(s.storage) + " at " + std::to_string(s.offset) + "\n";
+      const bool shard = k == 2 && std::find(sharded.begin(), sharded.end(), s.name) != sharded.end();
+      out += std::string(kinds[k]) + " " + s.name + (shard ? " sharded [rows, " : " [" + std::to_string(s.rows) + ", ") +
+             std::to_string(s.cols) + "] " + to_string(s.storage) + " at " + std::to_string(s.offset) + "\n";
     }
     ++k;
   }
@@ -69,9 +73,22 @@ template <typename Scalar>
 class DataParallel {
  public:
   /// Collective: checks that every rank has the same layout (std::invalid_argument on every rank naming
-  /// the first tensor that differs).
-  DataParallel(const Communicator& comm, const ParameterLayout& layout) : comm_(comm), layout_(layout) {
-    require_same(comm_, "the parameter layout", layout_text(layout_));
+  /// the first tensor that differs). `sharded` names the tables split by rows over the ranks (an
+  /// expert-sharded layer's, peer/mpi/expert_sharded.hpp): their gradients are complete on their owners
+  /// already, so all_reduce, broadcast and require_identical leave them alone, and gradient_norm adds up
+  /// their shards. Each must be a table of the layout.
+  DataParallel(const Communicator& comm, const ParameterLayout& layout, std::vector<std::string> sharded = {})
+      : comm_(comm), layout_(layout), sharded_(std::move(sharded)) {
+    for (const auto& name : sharded_) {  // the same names on every rank are checked below, with the layout
+      bool found = false;
+      for (const auto& s : layout_.tables()) found = found || s.name == name;
+      if (!found) detail::throw_invalid("DataParallel sharded table", "'" + name + "'", "must name a table of the layout");
+    }
+    is_sharded_.resize(layout_.tables().size());
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      is_sharded_[t] = std::find(sharded_.begin(), sharded_.end(), layout_.tables()[t].name) != sharded_.end() ? 1 : 0;
+    }
+    require_same(comm_, "the parameter layout", layout_text(layout_, sharded_));
   }
 
   const Communicator& communicator() const { return comm_; }
@@ -85,7 +102,7 @@ class DataParallel {
     const bool wrong_layout = grads.layout() != layout_;
     std::string fused;
     for (std::size_t t = 0; t < layout_.tables().size() && !wrong_layout; ++t) {
-      if (grads.table(TableHandle{static_cast<int>(t)}).sink() != nullptr) fused = layout_.tables()[t].name;
+      if (is_sharded_[t] == 0 && grads.table(TableHandle{static_cast<int>(t)}).sink() != nullptr) fused = layout_.tables()[t].name;
     }
     // Agreed by all ranks first, so that a refusal on one rank is a refusal on every rank.
     const std::int64_t problem = comm_.max(wrong_layout ? 2 : fused.empty() ? 0 : 1);
@@ -97,7 +114,41 @@ class DataParallel {
     }
     traffic_ = Traffic();
     reduce_dense(grads.dense_data(), layout_.dense_size());
-    for (std::size_t t = 0; t < layout_.tables().size(); ++t) reduce_table(grads.table(TableHandle{static_cast<int>(t)}));
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      if (is_sharded_[t] == 0) reduce_table(grads.table(TableHandle{static_cast<int>(t)}));
+    }
+  }
+
+  /// Collective: the global L2 norm of gradients after all_reduce (peer::gradient_norm of the whole
+  /// model): the replicated tensors' part, the same on every rank, plus every rank's part of the sharded
+  /// tables, added in rank order. The same value on every rank.
+  double gradient_norm(const Gradients<Scalar>& grads) {
+    if (grads.layout() != layout_) throw std::invalid_argument("peer::mpi::DataParallel::gradient_norm: gradients of another layout than the DataParallel's");
+    double replicated = detail::sum_of_squares(grads.dense_data(), layout_.dense_size());
+    double mine[2] = {0.0, 0.0};  // this rank's part of the sharded tables; 1 when a table's updates are fused
+    for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      const auto& g = grads.table(TableHandle{static_cast<int>(t)});
+      if (g.sink() != nullptr) mine[1] = 1.0;
+      (is_sharded_[t] != 0 ? mine[0] : replicated) += detail::sum_of_squares(g.values().data(), g.values().size());
+    }
+    const std::vector<double> parts = comm_.all_gather(mine, 2);
+    for (int r = 0; r < comm_.size(); ++r) {
+      if (parts[static_cast<std::size_t>(2 * r + 1)] != 0.0) {
+        throw std::logic_error("peer::mpi::DataParallel::gradient_norm: table updates are fused into the backward on rank " +
+                               std::to_string(r) + ", so a table gradient is never stored and a global norm cannot include it");
+      }
+      replicated += parts[static_cast<std::size_t>(2 * r)];
+    }
+    return std::sqrt(replicated);
+  }
+
+  /// Collective: peer::clip_gradient_norm with the global norm of gradient_norm(); the same scale on every
+  /// rank. Returns the norm before clipping.
+  double clip_gradient_norm(Gradients<Scalar>& grads, double max_norm) {
+    if (!(max_norm > 0.0)) detail::throw_invalid("clip_gradient_norm max_norm", max_norm, "must be > 0");
+    const double norm = gradient_norm(grads);
+    if (norm > max_norm) detail::scale_gradients(grads, static_cast<Scalar>(max_norm / norm));
+    return norm;
   }
 
   /// Collective: root's parameters (dense tensors, buffers and every table) on every rank, for starting
@@ -107,6 +158,7 @@ class DataParallel {
     bcast_bytes(params.dense_data(), layout_.dense_size() * static_cast<Index>(sizeof(Scalar)), root);
     broadcast_buffers(params, root);
     for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      if (is_sharded_[t] != 0) continue;  // each rank's own rows
       RowTable<Scalar>& table = params.table(TableHandle{static_cast<int>(t)});
       void* data = table.is_bf16() ? static_cast<void*>(table.bf16_data()) : static_cast<void*>(table.data());
       bcast_bytes(data, table.bytes(), root);
@@ -128,6 +180,7 @@ class DataParallel {
     for (const auto& s : layout_.dense()) text += s.name + " " + std::to_string(crc32c(params.dense_data() + s.offset, static_cast<std::size_t>(s.size()) * sb)) + "\n";
     for (const auto& s : layout_.buffers()) text += s.name + " " + std::to_string(crc32c(params.buffer_data() + s.offset, static_cast<std::size_t>(s.size()) * sb)) + "\n";
     for (std::size_t t = 0; t < layout_.tables().size(); ++t) {
+      if (is_sharded_[t] != 0) continue;  // each rank's own rows
       const RowTable<Scalar>& table = params.table(TableHandle{static_cast<int>(t)});
       text += layout_.tables()[t].name + " " + std::to_string(crc32c(table.storage_data(), static_cast<std::size_t>(table.bytes()))) + "\n";
     }
@@ -232,6 +285,8 @@ class DataParallel {
 
   Communicator comm_;
   ParameterLayout layout_;
+  std::vector<std::string> sharded_;
+  std::vector<unsigned char> is_sharded_;  // per table
   Traffic traffic_;
   std::vector<Scalar> chunks_, rows_;
   std::vector<ExpertId> ids_, merged_;

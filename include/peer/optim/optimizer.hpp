@@ -150,6 +150,22 @@ inline GroupAssignment assign_groups(const ParameterLayout& layout, const std::v
   return a;
 }
 
+/// sum of x_i^2 over n values, accumulated in double in index order.
+template <typename Scalar>
+double sum_of_squares(const Scalar* x, Index n) {
+  double sum = 0.0;
+  for (Index i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return sum;
+}
+
+/// Every gradient (dense and the stored table rows) times `scale`.
+template <typename Scalar>
+void scale_gradients(Gradients<Scalar>& grads, Scalar scale) {
+  Scalar* d = grads.dense_data();
+  for (Index i = 0; i < grads.layout().dense_size(); ++i) d[i] *= scale;
+  for (std::size_t t = 0; t < grads.layout().tables().size(); ++t) grads.table(TableHandle{static_cast<int>(t)}).values() *= scale;
+}
+
 }  // namespace detail
 
 /// Global L2 norm of all gradients: dense ones and the stored rows of row-sparse ones (each row is stored
@@ -165,14 +181,10 @@ double gradient_norm(const Gradients<Scalar>& grads) {
                              "include it; train with the unfused path (unfuse_table_updates) to clip");
     }
   }
-  double sum = 0.0;
-  const Scalar* d = grads.dense_data();
-  for (Index i = 0; i < grads.layout().dense_size(); ++i) sum += static_cast<double>(d[i]) * static_cast<double>(d[i]);
+  double sum = detail::sum_of_squares(grads.dense_data(), grads.layout().dense_size());
   for (std::size_t t = 0; t < grads.layout().tables().size(); ++t) {
     const auto values = grads.table(TableHandle{static_cast<int>(t)}).values();
-    for (Index i = 0; i < values.size(); ++i) {
-      sum += static_cast<double>(values.data()[i]) * static_cast<double>(values.data()[i]);
-    }
+    sum += detail::sum_of_squares(values.data(), values.size());
   }
   return std::sqrt(sum);
 }
@@ -183,14 +195,7 @@ template <typename Scalar>
 double clip_gradient_norm(Gradients<Scalar>& grads, double max_norm) {
   if (!(max_norm > 0.0)) detail::throw_invalid("clip_gradient_norm max_norm", max_norm, "must be > 0");
   const double norm = gradient_norm(grads);
-  if (norm > max_norm) {
-    const Scalar scale = static_cast<Scalar>(max_norm / norm);
-    Scalar* d = grads.dense_data();
-    for (Index i = 0; i < grads.layout().dense_size(); ++i) d[i] *= scale;
-    for (std::size_t t = 0; t < grads.layout().tables().size(); ++t) {
-      grads.table(TableHandle{static_cast<int>(t)}).values() *= scale;
-    }
-  }
+  if (norm > max_norm) detail::scale_gradients(grads, static_cast<Scalar>(max_norm / norm));
   return norm;
 }
 
