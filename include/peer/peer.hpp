@@ -61,6 +61,7 @@
 #include "peer/io/maps/peer_pytorch.hpp"
 #include "peer/io/maps/pkm_pytorch.hpp"
 #include "peer/io/maps/torch_map.hpp"
+#include "peer/io/sharded_checkpoint.hpp"
 #include "peer/io/training_checkpoint.hpp"
 
 #endif  // PEER_PEER_HPP

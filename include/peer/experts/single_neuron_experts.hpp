@@ -86,8 +86,14 @@ class SingleNeuronExperts {
   /// u_i, v_i ~ N(0, 1/D), independently per entry (docs/design.md gives the reasons); a bf16 table
   /// holds the same draws rounded to nearest.
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
-    detail::fill_table_normal(params.table(table_), seed, params.layout().spec(table_).name,
-                              1.0 / std::sqrt(static_cast<double>(config_.model_dim)));
+    initialize_rows(params.table(table_), seed, params.layout().spec(table_).name, config_.model_dim);
+  }
+
+  /// The initialization's rows first_row, first_row + row_stride, ... of a table named `name` (a shard of
+  /// it, ShardedExperts): every entry N(0, 1 / D), drawn from the entry's place in the whole table.
+  static void initialize_rows(RowTable<Scalar>& table, std::uint64_t seed, const std::string& name, Index model_dim,
+                              Index row_stride = 1, Index first_row = 0) {
+    detail::fill_table_normal(table, seed, name, 1.0 / std::sqrt(static_cast<double>(model_dim)), row_stride, first_row);
   }
 
   /// y_t = sum_s gates[t, s] sigma(u_{ids[t, s]} . x_t) v_{ids[t, s]}.

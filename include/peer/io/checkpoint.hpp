@@ -244,12 +244,21 @@ class CheckpointReader {
   /// chunks straight into `dst` and re-checks the checksum; on a mismatch `dst` holds unverified bytes.
   void read(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols, void* dst) const;
 
+  /// Receives rows [row_begin, row_end) of a tensor, row-major, at `data` (valid during the call only).
+  using RowConsumer = std::function<void(std::int64_t row_begin, std::int64_t row_end, const void* data)>;
+  /// Reads tensor `name` (dtype and shape checked as by read()) in chunks of whole rows, about
+  /// CheckpointFormat::kChunkBytes each (at least one row), handing each to `consume` in row order; the
+  /// checksum is checked after the last chunk. For a tensor that is not to be copied whole (rows picked
+  /// out of a shard); the consumer sees unverified bytes unless verify_all() came first.
+  void stream(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols, const RowConsumer& consume) const;
+
  private:
   void open_descriptor();  // fstat fd_, then parse(); closes fd_ on failure
   void parse();
   std::size_t read_some(void* dst, std::size_t n, std::uint64_t offset) const;
   void read_exact(void* dst, std::size_t n, std::uint64_t offset, const TensorEntry& near) const;
   void check_crc(const TensorEntry& e, std::uint32_t computed, const char* context) const;
+  const TensorEntry& expect(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols) const;
 
   std::string path_, where_;  // where_ = "checkpoint <path>: ", the prefix of every message
   int fd_ = -1;

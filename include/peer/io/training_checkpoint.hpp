@@ -71,12 +71,18 @@ class TrainingCheckpoint {
       const auto& s = layout.tables()[t];
       auto& table = params.table(TableHandle{static_cast<int>(t)});
       if (table.is_bf16()) {
-        add_tensor(join(prefix, s.name), table.bf16_data(), s.rows, s.cols);
+        add_table(join(prefix, s.name), table.bf16_data(), s.rows, s.cols);
       } else {
-        add_tensor(join(prefix, s.name), table.data(), s.rows, s.cols);
+        add_table(join(prefix, s.name), table.data(), s.rows, s.cols);
       }
-      tensors_.back().table = true;
     }
+  }
+
+  /// A parameter table's rows as a tensor (add_tensor, aligned in the file for mapping: set_table_alignment).
+  template <typename T>
+  void add_table(const std::string& name, T* data, Index rows, Index cols) {
+    add_tensor(name, data, rows, cols);
+    tensors_.back().table = true;
   }
 
   /// The data alignment of parameter tables in saved files: kMapAligned (the default, see the file
@@ -122,36 +128,61 @@ class TrainingCheckpoint {
   }
 
   /// Writes every registration to `path` atomically (see save_checkpoint).
-  void save(const std::string& path) const {
-    Fields metadata{{"peer.kind", "training"}, {"peer.version", version()}};
-    for (const auto& m : meta_) metadata.emplace_back(m.key, m.target != nullptr ? *m.target : m.expected);
-    std::vector<TensorView> views;
-    views.reserve(tensors_.size());
-    for (const auto& t : tensors_) {
-      TensorView v;
-      v.name = t.name;
-      v.dtype = t.dtype;
-      v.rows = t.rows;
-      v.cols = t.cols;
-      v.data = t.rows * t.cols > 0 ? t.data : nullptr;
-      if (t.table) {
-        const auto bytes = static_cast<std::uint64_t>(t.rows * t.cols) * dtype_size(t.dtype);
-        v.alignment = table_alignment_ != kMapAligned ? table_alignment_ : CheckpointFormat::map_alignment(bytes);
-      }
-      views.push_back(std::move(v));
-    }
-    save_checkpoint(path, metadata, views);
-  }
+  void save(const std::string& path) const { save_checkpoint(path, file_metadata("training"), file_tensors()); }
 
   /// Validates `path` against every registration, then fills the registered memory (see the file comment).
   void load(const std::string& path) const { load(CheckpointReader(path)); }
 
   /// The same from an open reader (for example one made from a descriptor: CheckpointReader(fd, name)).
   void load(const CheckpointReader& reader) const {
+    check(reader, "training", {});
+    reader.verify_all();
+    fill(reader);
+  }
+
+  // The pieces of save() and load(), for files that hold these registrations and more (ShardedCheckpoint,
+  // peer/io/sharded_checkpoint.hpp).
+
+  /// The metadata save() writes, with "peer.kind" = `kind`.
+  Fields file_metadata(const std::string& kind) const {
+    Fields metadata{{"peer.kind", kind}, {"peer.version", version()}};
+    for (const auto& m : meta_) metadata.emplace_back(m.key, m.target != nullptr ? *m.target : m.expected);
+    return metadata;
+  }
+
+  /// The tensors save() writes, in registration order (views of the registered memory).
+  std::vector<TensorView> file_tensors() const {
+    std::vector<TensorView> views;
+    views.reserve(tensors_.size());
+    for (const auto& t : tensors_) {
+      views.push_back(view(t.name, t.dtype, t.rows, t.cols, t.data));
+      if (t.table) {
+        const auto bytes = static_cast<std::uint64_t>(t.rows * t.cols) * dtype_size(t.dtype);
+        views.back().alignment = table_alignment_ != kMapAligned ? table_alignment_ : CheckpointFormat::map_alignment(bytes);
+      }
+    }
+    return views;
+  }
+
+  /// A view of rows * cols elements at `data` (null for an empty tensor), at the format's alignment.
+  static TensorView view(const std::string& name, DType dtype, Index rows, Index cols, const void* data) {
+    TensorView v;
+    v.name = name;
+    v.dtype = dtype;
+    v.rows = rows;
+    v.cols = cols;
+    v.data = rows * cols > 0 ? data : nullptr;
+    return v;
+  }
+
+  /// load()'s checks short of the data's checksums: the kind, every configuration field and value, the set
+  /// of tensors (the file may also hold the tensors named in `also_in_file`, which the caller checks), each
+  /// tensor's dtype and shape. Throws std::runtime_error("checkpoint <path>: ...") on the first problem.
+  void check(const CheckpointReader& reader, const std::string& kind, const std::unordered_set<std::string>& also_in_file) const {
     const std::string where = "checkpoint " + reader.path() + ": ";
     auto fail = [&](const std::string& what) { throw std::runtime_error(where + what); };
-    if (!reader.has_metadata("peer.kind") || reader.metadata("peer.kind") != "training") {
-      fail("not a training checkpoint (metadata 'peer.kind' is not \"training\")");
+    if (!reader.has_metadata("peer.kind") || reader.metadata("peer.kind") != kind) {
+      fail("not a " + kind + " checkpoint (metadata 'peer.kind' is not \"" + kind + "\")");
     }
     // Configuration: the same fields with the same text.
     std::unordered_set<std::string> known;
@@ -185,9 +216,12 @@ class TrainingCheckpoint {
       }
     }
     for (const auto& e : reader.tensors()) {
-      if (tensor_names_.count(e.name) == 0) fail("tensor " + detail::quote_text(e.name) + " is not part of the model");
+      if (tensor_names_.count(e.name) == 0 && also_in_file.count(e.name) == 0) fail("tensor " + detail::quote_text(e.name) + " is not part of the model");
     }
-    reader.verify_all();
+  }
+
+  /// load()'s writes: every registered tensor and value from `reader`, which check() has accepted.
+  void fill(const CheckpointReader& reader) const {
     // Everything is valid: only now touch the caller's memory.
     for (const auto& t : tensors_) {
       if (t.rows * t.cols > 0) reader.read(t.name, t.dtype, t.rows, t.cols, t.data);
@@ -195,6 +229,11 @@ class TrainingCheckpoint {
     for (const auto& m : meta_) {
       if (m.target != nullptr) *m.target = reader.metadata(m.key);
     }
+  }
+
+  /// "<prefix>.<name>", or `name` for an empty prefix: the file's name of a registered tensor.
+  static std::string join(const std::string& prefix, const std::string& name) {
+    return prefix.empty() ? name : prefix + "." + name;
   }
 
   /// Names of the registered tensors, in registration (and file) order.
@@ -217,10 +256,6 @@ class TrainingCheckpoint {
     std::string expected;  // configuration fields
     std::string* target;   // values (null for configuration fields)
   };
-
-  static std::string join(const std::string& prefix, const std::string& name) {
-    return prefix.empty() ? name : prefix + "." + name;
-  }
 
   static void claim(std::unordered_set<std::string>& names, const std::string& name, const char* kind) {
     if (!names.insert(name).second) {

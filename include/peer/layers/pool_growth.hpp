@@ -283,24 +283,6 @@ void grow_parameters(const std::vector<PoolGrowth>& growths, const Parameters<Sc
   }
 }
 
-namespace detail {
-
-// The tensor of `layout` a state entry named "<kind>.<tensor name>" belongs to: the longest tensor name
-// the entry's name ends with after a '.', or "" when none.
-inline std::string state_owner(const ParameterLayout& layout, const std::string& name) {
-  std::string best;
-  for (const auto* list : {&layout.dense(), &layout.tables()}) {
-    for (const auto& s : *list) {
-      const std::size_t n = s.name.size();
-      if (n >= name.size() || n <= best.size()) continue;
-      if (name.compare(name.size() - n, n, s.name) == 0 && name[name.size() - n - 1] == '.') best = s.name;
-    }
-  }
-  return best;
-}
-
-}  // namespace detail
-
 /// Moves an optimizer's state (Sgd, Adam: anything with state_tensors() and state_counters()) into a
 /// fresh optimizer of the same kind and groups built on the grown layout: every state tensor and counter
 /// of `old` goes to the one of the same name in `grown`, rows moved as its tensor's (moments, row-wise

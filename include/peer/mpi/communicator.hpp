@@ -157,6 +157,34 @@ inline void require_same(const Communicator& comm, const std::string& what, cons
   }
 }
 
+/// Collective: runs body() on every rank, then every rank learns whether it threw anywhere. If it did,
+/// EVERY rank throws std::runtime_error: a rank that failed with its own message, the others with
+/// "peer::mpi: rank r failed: <r's message>" for the first rank r that failed. For work that may fail on
+/// some ranks only (files) and must not leave them in different states.
+template <typename Body>
+void all_or_none(const Communicator& comm, Body&& body) {
+  std::string mine;
+  try {
+    body();
+  } catch (const std::exception& e) {
+    mine = e.what()[0] == '\0' ? std::string("failed") : std::string(e.what());
+  }
+  const int failed = mine.empty() ? 0 : 1;
+  const std::vector<int> flags = comm.all_gather(&failed, 1);
+  int first = -1;
+  for (int r = 0; r < comm.size() && first < 0; ++r) {
+    if (flags[static_cast<std::size_t>(r)] != 0) first = r;
+  }
+  if (first < 0) return;
+  // Only the first failing rank's text travels.
+  std::vector<char> text(first == comm.rank() ? mine.begin() : mine.end(), mine.end()), all;
+  std::vector<int> counts, offsets;
+  comm.all_gather_v(text, all, counts, offsets);
+  if (!mine.empty()) throw std::runtime_error(mine);
+  throw std::runtime_error("peer::mpi: rank " + std::to_string(first) + " failed: " +
+                           std::string(all.data() + offsets[static_cast<std::size_t>(first)], static_cast<std::size_t>(counts[static_cast<std::size_t>(first)])));
+}
+
 /// Fields (a configuration's to_fields()) as the text require_same compares: one "key = value" per line.
 inline std::string fields_text(const Fields& fields) {
   std::string out;

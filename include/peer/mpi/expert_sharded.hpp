@@ -38,7 +38,6 @@
 /// rank throws std::invalid_argument, the offending rank with its message.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -131,8 +130,7 @@ class ShardedExperts {
   /// The rows of the whole table's initialization that this rank owns (SingleNeuronExperts::initialize):
   /// a sharded model starts from exactly the unsharded one's values.
   void initialize(Parameters<Scalar>& params, std::uint64_t seed) const {
-    detail::fill_table_normal(params.table(table_), seed, params.layout().spec(table_).name,
-                              1.0 / std::sqrt(static_cast<double>(config_.model_dim)), shards_.ranks, comm_.rank());
+    Local::initialize_rows(params.table(table_), seed, params.layout().spec(table_).name, config_.model_dim, shards_.ranks, comm_.rank());
   }
 
   /// Collective. SingleNeuronExperts::forward with global ids in [0, N): y [B, D] and z [B, S] assigned.
@@ -263,6 +261,7 @@ class ShardedExperts {
     std::int64_t recv_slots = 0;
     // Replies: per pair a D-vector then c scalars, sent back along the pairs' way.
     std::vector<Scalar> replies, send_replies;
+    std::vector<std::int64_t> pair_reply_begin;  // per pair of this rank: its reply in send_replies
     std::vector<int> reply_counts, reply_offsets, back_counts, back_offsets;
     ShardTraffic traffic, forward_traffic, backward_traffic;
   };
@@ -476,10 +475,12 @@ class ShardedExperts {
     const Index d = model_dim();
     e.back_counts.assign(static_cast<std::size_t>(p_count), 0);
     e.back_offsets.assign(static_cast<std::size_t>(p_count), 0);
+    e.pair_reply_begin.resize(e.pair_token.size());
     std::int64_t total = 0;
     for (int o = 0; o < p_count; ++o) {
       const std::int64_t t0 = total;
       for (std::int64_t p = e.owner_pairs[static_cast<std::size_t>(o)]; p < e.owner_pairs[static_cast<std::size_t>(o) + 1]; ++p) {
+        e.pair_reply_begin[static_cast<std::size_t>(p)] = total;
         total += d + (e.pair_begin[static_cast<std::size_t>(p) + 1] - e.pair_begin[static_cast<std::size_t>(p)]);
       }
       e.back_offsets[static_cast<std::size_t>(o)] = Communicator::to_int(static_cast<std::size_t>(t0), "reply offset");
@@ -498,17 +499,10 @@ class ShardedExperts {
   // parallel within an owner (an owner's pairs have distinct tokens).
   template <typename F>
   void unpack_replies(Exchange& e, F&& f) const {
-    const Index d = model_dim();
-    std::vector<std::int64_t> begin(e.pair_token.size());
-    std::int64_t at = 0;
-    for (std::size_t p = 0; p < e.pair_token.size(); ++p) {
-      begin[p] = at;
-      at += d + (e.pair_begin[p + 1] - e.pair_begin[p]);
-    }
     for (int o = 0; o < shards_.ranks; ++o) {
       const std::int64_t p0 = e.owner_pairs[static_cast<std::size_t>(o)], p1 = e.owner_pairs[static_cast<std::size_t>(o) + 1];
       parallel_for(static_cast<Index>(p1 - p0), 64, [&](Index a, Index b, int) {
-        for (Index p = p0 + a; p < p0 + b; ++p) f(p, e.send_replies.data() + begin[static_cast<std::size_t>(p)]);
+        for (Index p = p0 + a; p < p0 + b; ++p) f(p, e.send_replies.data() + e.pair_reply_begin[static_cast<std::size_t>(p)]);
       });
     }
   }

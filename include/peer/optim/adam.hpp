@@ -133,15 +133,15 @@ class Adam : public detail::OptimizerCore<Scalar> {
       TableState& st = tables_[t];
       if (st.rule != TableOptimizer::kRowWiseAdagrad) {
         out.push_back({"adam.m." + s.name, s.rows, s.cols, st.bf16_moments ? nullptr : st.m.data(),
-                       st.bf16_moments ? st.m16.data() : nullptr});
+                       st.bf16_moments ? st.m16.data() : nullptr, true});
       }
       if (st.rule == TableOptimizer::kDefault) {
         out.push_back({"adam.v." + s.name, s.rows, s.cols, st.bf16_moments ? nullptr : st.v.data(),
-                       st.bf16_moments ? st.v16.data() : nullptr});
+                       st.bf16_moments ? st.v16.data() : nullptr, true});
       } else if (st.rule == TableOptimizer::kPartialRowWiseAdam) {
-        out.push_back({"adam.row_v." + s.name, s.rows, 1, st.v.data(), nullptr});
+        out.push_back({"adam.row_v." + s.name, s.rows, 1, st.v.data(), nullptr, true});
       } else {
-        out.push_back({"adagrad.row_sum." + s.name, s.rows, 1, st.v.data(), nullptr});
+        out.push_back({"adagrad.row_sum." + s.name, s.rows, 1, st.v.data(), nullptr, true});
       }
     }
     std::vector<StateCounter> unused;
@@ -152,7 +152,7 @@ class Adam : public detail::OptimizerCore<Scalar> {
     std::vector<StateCounter> out{this->step_counter()};
     for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
       out.push_back({"adam.row_steps." + this->layout().tables()[t].name, static_cast<Index>(row_steps_[t].size()),
-                     row_steps_[t].data()});
+                     row_steps_[t].data(), true});
     }
     std::vector<StateTensor<Scalar>> unused;
     this->add_table_state(unused, out);

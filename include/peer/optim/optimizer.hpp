@@ -106,6 +106,7 @@ struct StateTensor {
   Index cols = 0;
   Scalar* data = nullptr;
   bfloat16* bf16 = nullptr;  ///< instead of data, for state stored as bfloat16
+  bool per_row = false;      ///< one row per row of its table (moments, row-wise sums): split with a sharded table
 };
 
 /// A named array of step counters (the global step, per-row steps of lazy Adam), for checkpoints.
@@ -113,9 +114,24 @@ struct StateCounter {
   std::string name;
   Index size = 0;
   std::int64_t* data = nullptr;
+  bool per_row = false;  ///< one count per row of its table (lazy Adam's row steps): split with a sharded table
 };
 
 namespace detail {
+
+// The tensor of `layout` a state entry named "<kind>.<tensor name>" belongs to: the longest tensor name
+// the entry's name ends with after a '.', or "" when none.
+inline std::string state_owner(const ParameterLayout& layout, const std::string& name) {
+  std::string best;
+  for (const auto* list : {&layout.dense(), &layout.tables()}) {
+    for (const auto& s : *list) {
+      const std::size_t n = s.name.size();
+      if (n >= name.size() || n <= best.size()) continue;
+      if (name.compare(name.size() - n, n, s.name) == 0 && name[name.size() - n - 1] == '.') best = s.name;
+    }
+  }
+  return best;
+}
 
 /// Group index of every dense tensor and every table of `layout`; throws if a tensor matches no group.
 struct GroupAssignment {

@@ -175,7 +175,7 @@ class OptimizerCore {
     for (std::size_t t = 0; t < writers_.size(); ++t) {
       if (!writers_[t].has_master()) continue;
       const auto& s = layout_.tables()[t];
-      tensors.push_back({"bf16.master." + s.name, s.rows, s.cols, writers_[t].master(), nullptr});
+      tensors.push_back({"bf16.master." + s.name, s.rows, s.cols, writers_[t].master(), nullptr, true});
       counters.push_back({"bf16.master_ready." + s.name, 1, writers_[t].master_ready()});
     }
   }

@@ -66,7 +66,7 @@ class Sgd : public detail::OptimizerCore<Scalar> {
       for (const auto& s : this->layout().dense()) out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, dense_buf_.data() + s.offset, nullptr});
       for (std::size_t t = 0; t < this->layout().tables().size(); ++t) {
         const auto& s = this->layout().tables()[t];
-        out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data(), nullptr});
+        out.push_back({"sgd.momentum." + s.name, s.rows, s.cols, table_buf_[t].data(), nullptr, true});
       }
     }
     std::vector<StateCounter> unused;

@@ -623,14 +623,38 @@ inline void CheckpointReader::verify_all() const {
   }
 }
 
-inline void CheckpointReader::read(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols,
-                                   void* dst) const {
+inline const TensorEntry& CheckpointReader::expect(const std::string& name, DType dtype, std::int64_t rows,
+                                                   std::int64_t cols) const {
   const TensorEntry& e = entry(name);
   if (e.dtype != dtype || e.rows != rows || e.cols != cols) {
     throw std::runtime_error(where_ + "tensor " + detail::quote_text(name) + " is " + dtype_name(e.dtype) + " [" +
                              std::to_string(e.rows) + ", " + std::to_string(e.cols) + "] but the caller expects " +
                              dtype_name(dtype) + " [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
   }
+  return e;
+}
+
+inline void CheckpointReader::stream(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols,
+                                     const RowConsumer& consume) const {
+  const TensorEntry& e = expect(name, dtype, rows, cols);
+  if (e.bytes == 0) return;
+  const std::uint64_t row_bytes = static_cast<std::uint64_t>(cols) * dtype_size(dtype);
+  const std::int64_t chunk_rows = static_cast<std::int64_t>(std::max<std::uint64_t>(1, CheckpointFormat::kChunkBytes / row_bytes));
+  std::vector<unsigned char> buffer(static_cast<std::size_t>(static_cast<std::uint64_t>(std::min(chunk_rows, rows)) * row_bytes));
+  std::uint32_t crc = 0;
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const std::int64_t r1 = std::min(rows, r0 + chunk_rows);
+    const auto n = static_cast<std::size_t>(static_cast<std::uint64_t>(r1 - r0) * row_bytes);
+    read_exact(buffer.data(), n, e.offset + static_cast<std::uint64_t>(r0) * row_bytes, e);
+    crc = crc32c(buffer.data(), n, crc);
+    consume(r0, r1, buffer.data());
+  }
+  check_crc(e, crc, " while streaming it (the file changed after it was checked?)");
+}
+
+inline void CheckpointReader::read(const std::string& name, DType dtype, std::int64_t rows, std::int64_t cols,
+                                   void* dst) const {
+  const TensorEntry& e = expect(name, dtype, rows, cols);
   if (dst == nullptr && e.bytes > 0) {
     throw std::invalid_argument(where_ + "read(" + detail::quote_text(name) + ", ...): dst is null");
   }
