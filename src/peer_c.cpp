@@ -22,14 +22,15 @@ struct peer_layer {
   peer::Parameters<float> params;
   peer::Gradients<float> grads;
   peer::PeerLayer<float>::Cache cache;
-  peer::Adam<float> adam;
+  std::unique_ptr<peer::Adam<float>> adam;  // on the heap: a fused optimizer must not move
+  double fused_expert_lr = 0;                // the table's learning rate when its updates are fused
   std::int64_t steps = 0;
 
   peer_layer(const peer::PeerConfig& config, std::uint64_t seed)
       : layer(config),
         params(layer.make_parameters(seed)),
         grads(layer.make_gradients()),
-        adam(layer.layout(), peer::default_param_groups(1e-3), peer::AdamConfig::adamw()) {}
+        adam(std::make_unique<peer::Adam<float>>(layer.layout(), peer::default_param_groups(1e-3), peer::AdamConfig::adamw())) {}
 };
 
 // A model: PEER layers in one ModelLayout. Before build() only the layouts exist; build() allocates the
@@ -46,6 +47,7 @@ struct peer_model {
   std::unique_ptr<peer::Gradients<float>> grads;
   std::unique_ptr<peer::LayerViews<float>> views;
   std::unique_ptr<peer::Adam<float>> adam;
+  double fused_expert_lr = 0;
   std::int64_t steps = 0;
 
   bool built() const { return params != nullptr; }
@@ -78,6 +80,8 @@ int guarded(const char* where, Body&& body) {
     return fail(PEER_ERROR_INVALID_ARGUMENT, std::string(where) + ": " + e.what());
   } catch (const std::domain_error& e) {
     return fail(PEER_ERROR_DOMAIN, std::string(where) + ": " + e.what());
+  } catch (const std::logic_error& e) {  // a call order the rules forbid (a second fused backward, ...)
+    return fail(PEER_ERROR_INVALID_ARGUMENT, std::string(where) + ": " + e.what());
   } catch (const std::bad_alloc&) {
     return fail(PEER_ERROR_OUT_OF_MEMORY, std::string(where) + ": out of memory");
   } catch (const std::runtime_error& e) {
@@ -167,10 +171,61 @@ void backward_rows(const peer::PeerLayer<float>& layer, const peer::Parameters<f
   }
 }
 
-// AdamW with this call's rates over `grads` (clipped first when clip > 0).
-void adam_step(peer::Adam<float>& adam, peer::Parameters<float>& params, peer::Gradients<float>& grads, double dense_lr,
-               double expert_lr, double weight_decay, double clip) {
+// The optimizer groups of a table training: default_param_groups with the table group's rule.
+std::vector<peer::ParamGroup> table_groups(const peer_table_training& t) {
+  auto groups = peer::default_param_groups(1e-3);
+  peer::ParamGroup& g = groups[0];
+  switch (t.rule) {
+    case PEER_TABLE_ADAM: g.table_optimizer = peer::TableOptimizer::kDefault; break;
+    case PEER_TABLE_PARTIAL_ROW_WISE_ADAM: g.table_optimizer = peer::TableOptimizer::kPartialRowWiseAdam; break;
+    case PEER_TABLE_ROW_WISE_ADAGRAD: g.table_optimizer = peer::TableOptimizer::kRowWiseAdagrad; break;
+    default: peer::detail::throw_invalid("peer_table_training.rule", t.rule, "must be a peer_table_rule value (0, 1 or 2)");
+  }
+  switch (t.moment_storage) {
+    case PEER_STORAGE_FLOAT: g.moment_storage = peer::TableStorage::kNative; break;
+    case PEER_STORAGE_BFLOAT16: g.moment_storage = peer::TableStorage::kBFloat16; break;
+    default: peer::detail::throw_invalid("peer_table_training.moment_storage", t.moment_storage, "must be a peer_storage value (0 or 1)");
+  }
+  switch (t.rounding) {
+    case PEER_ROUNDING_STOCHASTIC: g.bf16_rounding = peer::Bf16Rounding::kStochastic; break;
+    case PEER_ROUNDING_NEAREST: g.bf16_rounding = peer::Bf16Rounding::kNearest; break;
+    case PEER_ROUNDING_MASTER_ROWS: g.bf16_rounding = peer::Bf16Rounding::kMasterRows; break;
+    default: peer::detail::throw_invalid("peer_table_training.rounding", t.rounding, "must be a peer_rounding value (0, 1 or 2)");
+  }
+  g.rounding_seed = t.rounding_seed;
+  return groups;
+}
+
+// Replaces `adam` by a fresh AdamW over `layout` with the table training `t` (validated first: nothing
+// changes on a refusal), fused into params / grads when asked. Only before the first step, with no table
+// gradient pending.
+void set_table_training(std::unique_ptr<peer::Adam<float>>& adam, double& fused_expert_lr, const peer::ParameterLayout& layout,
+                        std::int64_t steps, peer::Parameters<float>& params, peer::Gradients<float>& grads, const peer_table_training* t) {
+  require(t != nullptr, "training is NULL");
+  require(steps == 0, "the optimizer has taken " + std::to_string(steps) +
+                          " step(s): choose the table training before the first step (its state would be lost)");
+  for (std::size_t i = 0; i < layout.tables().size(); ++i) {
+    require(grads.table(peer::TableHandle{static_cast<int>(i)}).empty(),
+            "the gradient of table '" + layout.tables()[i].name + "' holds rows: call zero_grad first");
+  }
+  auto fresh = std::make_unique<peer::Adam<float>>(layout, table_groups(*t), peer::AdamConfig::adamw());
+  if (t->fused != 0) fresh->set_learning_rate(fresh->group_index("experts"), t->expert_lr);  // validated there
+  if (adam != nullptr) adam->unfuse_table_updates();
+  if (t->fused != 0) fresh->fuse_table_updates(params, grads);
+  adam = std::move(fresh);
+  fused_expert_lr = t->fused != 0 ? t->expert_lr : 0.0;
+}
+
+// AdamW with this call's rates over `grads` (clipped first when clip > 0). With fused table updates the
+// table's rows were updated in the backward at fused_expert_lr: expert_lr must be that rate.
+void adam_step(peer::Adam<float>& adam, double fused_expert_lr, peer::Parameters<float>& params, peer::Gradients<float>& grads,
+               double dense_lr, double expert_lr, double weight_decay, double clip) {
+  require(!adam.fused() || expert_lr == fused_expert_lr,
+          "expert_lr = " + std::to_string(expert_lr) + " differs from the fused table updates' learning rate " +
+              std::to_string(fused_expert_lr) + " (peer_table_training.expert_lr: the rows were updated in the backward)");
   require(clip >= 0.0, "clip = " + std::to_string(clip) + " must be >= 0 (0: no clipping)");
+  require(clip == 0.0 || !adam.fused(), "clip = " + std::to_string(clip) +
+                                            " needs the expert table's gradient, which fused table updates (peer_table_training.fused) never store: pass clip = 0");
   if (!(weight_decay >= 0.0)) peer::detail::throw_invalid("weight_decay", weight_decay, "must be >= 0");
   adam.set_learning_rate(adam.group_index("experts"), expert_lr);  // validated there
   adam.set_learning_rate(adam.group_index("dense"), dense_lr);
@@ -239,7 +294,7 @@ peer::TrainingCheckpoint registrations(peer_layer& l) {
   peer::TrainingCheckpoint ckpt;
   ckpt.add_config("peer", l.layer.config().to_fields());
   ckpt.add_parameters("peer", l.params);
-  ckpt.add_optimizer("adam", l.adam);
+  ckpt.add_optimizer("adam", *l.adam);
   ckpt.add_counter("c_api.steps", &l.steps);
   return ckpt;
 }
@@ -288,8 +343,25 @@ int peer_layer_zero_grad(peer_layer* layer) {
 int peer_layer_step(peer_layer* layer, double dense_lr, double expert_lr, double weight_decay, double clip) {
   return guarded("peer_layer_step", [&] {
     require(layer != nullptr, "layer is NULL");
-    adam_step(layer->adam, layer->params, layer->grads, dense_lr, expert_lr, weight_decay, clip);
+    adam_step(*layer->adam, layer->fused_expert_lr, layer->params, layer->grads, dense_lr, expert_lr, weight_decay, clip);
     ++layer->steps;
+  });
+}
+
+void peer_table_training_default(peer_table_training* training) {
+  if (training == nullptr) return;
+  training->rule = PEER_TABLE_ADAM;
+  training->moment_storage = PEER_STORAGE_FLOAT;
+  training->rounding = PEER_ROUNDING_STOCHASTIC;
+  training->rounding_seed = 0;
+  training->fused = 0;
+  training->expert_lr = 1e-3;
+}
+
+int peer_layer_set_table_training(peer_layer* layer, const peer_table_training* training) {
+  return guarded("peer_layer_set_table_training", [&] {
+    require(layer != nullptr, "layer is NULL");
+    set_table_training(layer->adam, layer->fused_expert_lr, layer->layer.layout(), layer->steps, layer->params, layer->grads, training);
   });
 }
 
@@ -440,10 +512,17 @@ int peer_model_zero_grad(peer_model* model) {
   return guarded("peer_model_zero_grad", [&] { built(model).grads->zero(); });
 }
 
+int peer_model_set_table_training(peer_model* model, const peer_table_training* training) {
+  return guarded("peer_model_set_table_training", [&] {
+    auto& m = built(model);
+    set_table_training(m.adam, m.fused_expert_lr, m.model.layout(), m.steps, *m.params, *m.grads, training);
+  });
+}
+
 int peer_model_step(peer_model* model, double dense_lr, double expert_lr, double weight_decay, double clip) {
   return guarded("peer_model_step", [&] {
     auto& m = built(model);
-    adam_step(*m.adam, *m.params, *m.grads, dense_lr, expert_lr, weight_decay, clip);
+    adam_step(*m.adam, m.fused_expert_lr, *m.params, *m.grads, dense_lr, expert_lr, weight_decay, clip);
     ++m.steps;
   });
 }

@@ -226,6 +226,36 @@ TEST(PeerPytorchMap, PresetAndRoundTrip) {
   }
   peer::export_peer_pytorch(t, params, out);
   for (const auto& spec : peer::peer_pytorch_tensors(t)) EXPECT_EQ(back[spec.name], data[spec.name]) << spec.name;
+  // Into a bf16 expert table: every table value is the nearest bf16 of theirs (the dense tensors exact);
+  // exported back, the table's tensors are those bf16 values widened, the others bit for bit.
+  peer::PeerConfig soft16 = soft;
+  soft16.expert_storage = peer::TableStorage::kBFloat16;
+  peer::PeerLayer<float> layer16(soft16);
+  peer::Parameters<float> params16(layer16.layout());
+  peer::import_peer_pytorch(t, in, params16);
+  const auto& table16 = params16.table(peer::TableHandle{0});
+  const auto& table32 = params.table(peer::TableHandle{0});
+  Eigen::RowVectorXf wide(table16.cols());
+  bool nearest = true;
+  for (peer::Index r = 0; r < table16.rows(); ++r) {
+    table16.read_row(r, wide.data());
+    for (peer::Index j = 0; j < table16.cols(); ++j) nearest = nearest && wide[j] == static_cast<float>(peer::bfloat16(table32.row(r)[j]));
+  }
+  EXPECT_TRUE(nearest) << "the bf16 table holds the nearest bf16 of every imported value";
+  EXPECT_EQ(params16.find("query.weight"), params.find("query.weight"));
+  std::map<std::string, Mat<float>> back16;
+  std::map<std::string, peer::MatrixMap<float>> out16;
+  for (const auto& spec : peer::peer_pytorch_tensors(t)) {
+    back16[spec.name] = Mat<float>::Constant(spec.rows, spec.cols, -7.0f);
+    auto& m = back16[spec.name];
+    out16.emplace(spec.name, peer::MatrixMap<float>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.cols())));
+  }
+  peer::export_peer_pytorch(t, params16, out16);
+  for (const auto& spec : peer::peer_pytorch_tensors(t)) {
+    const Mat<float> rounded = spec.name.rfind("weight_", 0) == 0 ? Mat<float>(data[spec.name].unaryExpr([](float v) { return static_cast<float>(peer::bfloat16(v)); }))
+                                                                : data[spec.name];
+    EXPECT_EQ(back16[spec.name], rounded) << spec.name;
+  }
   // The head-outermost row order: their row p H dk + h dk + j is our row h Dk + p dk + j.
   EXPECT_EQ(params.find("query.weight").row(1 * 8 + 4 + 2), data["to_queries.0.weight"].row(1 * 12 + 1 * 4 + 2));
   // Shapes are checked, naming the tensor.
@@ -371,6 +401,17 @@ TEST(PkmPytorch, PresetMapRoundTripAndRefusals) {
   }
   peer::export_pkm_pytorch(t, params, out);
   for (const auto& spec : peer::pkm_pytorch_tensors(t)) EXPECT_EQ(back[spec.name], data[spec.name]) << spec.name;
+  // Into a bf16 value table: the nearest bf16 of each value; exported back, those values widened.
+  peer::PeerConfig c16 = c;
+  c16.expert_storage = peer::TableStorage::kBFloat16;
+  peer::ProductKeyMemory<double> layer16(c16);
+  peer::Parameters<double> params16 = layer16.make_parameters(3);
+  peer::import_pkm_pytorch(t, in, params16);
+  peer::export_pkm_pytorch(t, params16, out);
+  const Mat<double> rounded = data["values.weight"].unaryExpr([](double v) { return static_cast<double>(peer::bfloat16(static_cast<float>(v))); });
+  EXPECT_EQ(back["values.weight"], rounded);
+  EXPECT_NE(back["values.weight"], data["values.weight"]);
+  EXPECT_EQ(back["to_queries.weight"], data["to_queries.weight"]);
 
   // A wrong shape is refused, naming the tensor, before anything is written.
   const std::size_t dense_size = static_cast<std::size_t>(layer.layout().dense_size());

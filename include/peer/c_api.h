@@ -80,6 +80,40 @@ int peer_layer_zero_grad(peer_layer* layer);
  * Adam) with expert_lr and no decay. clip > 0 first clips the global gradient norm to clip. */
 int peer_layer_step(peer_layer* layer, double dense_lr, double expert_lr, double weight_decay, double clip);
 
+/* How the expert table is trained (docs/storage.md): Adam's rule or a row-wise one, Adam's moments in
+ * float or bfloat16, how updated bfloat16 rows are written back, and whether the table's update is fused
+ * into the backward. peer_table_training_default() fills what a new layer uses (Adam with float moments,
+ * stochastic rounding, not fused). */
+enum peer_table_rule {
+  PEER_TABLE_ADAM = 0,                   /* m and v per entry (12 bytes per float parameter with the row) */
+  PEER_TABLE_PARTIAL_ROW_WISE_ADAM = 1,  /* m per entry, one v per row */
+  PEER_TABLE_ROW_WISE_ADAGRAD = 2        /* one accumulator per row: a bfloat16 table trains at 2 bytes per parameter */
+};
+enum peer_rounding {
+  PEER_ROUNDING_STOCHASTIC = 0, /* unbiased, deterministic for any thread count (keyed by seed, step, row) */
+  PEER_ROUNDING_NEAREST = 1,
+  PEER_ROUNDING_MASTER_ROWS = 2 /* a float master copy of the table is updated, the table gets its nearest bf16 */
+};
+typedef struct peer_table_training {
+  int rule;               /* enum peer_table_rule */
+  int moment_storage;     /* enum peer_storage: Adam's per-entry moments (float only with row-wise Adagrad) */
+  int rounding;           /* enum peer_rounding (bfloat16 tables) */
+  uint64_t rounding_seed; /* the stochastic rounding's stream */
+  /* Nonzero: each backward updates every touched table row as soon as its gradient is summed and stores no
+   * table gradient (less memory traffic); the step then updates the dense tensors. The rows are updated
+   * before the step is called, so their learning rate is fixed here (expert_lr below) and every step must
+   * pass the same expert_lr. Refused on the way: clip > 0 in the step (it would need the table's gradient),
+   * and a second backward before the step (gradient accumulation, or a table shared by two layers). With
+   * Adam in float the result is bitwise the unfused one's. */
+  int fused;
+  double expert_lr; /* fused: the table's (constant) learning rate; peer_table_training_default: 1e-3 */
+} peer_table_training;
+
+void peer_table_training_default(peer_table_training* training);
+/* Before the layer's first step (its optimizer state is rebuilt, empty) and with no table gradient
+ * pending (after peer_layer_zero_grad). A checkpoint holds the state of the rule it was saved with. */
+int peer_layer_set_table_training(peer_layer* layer, const peer_table_training* training);
+
 /* Trained scalars (dense tensors and the expert table). */
 int64_t peer_layer_num_parameters(const peer_layer* layer);
 /* Saves / loads the configuration, parameters and optimizer state (peer's checkpoint format, atomic
@@ -138,6 +172,8 @@ int peer_model_forward(peer_model* model, int layer, const float* x, int64_t row
 int peer_model_backward(peer_model* model, int layer, const float* dy, int64_t dy_stride, float* dx,
                         int64_t dx_stride);
 int peer_model_zero_grad(peer_model* model);
+/* As peer_layer_set_table_training, for every expert table of the built model. */
+int peer_model_set_table_training(peer_model* model, const peer_table_training* training);
 /* One AdamW step of every layer: as peer_layer_step, clip over the whole model's gradient. */
 int peer_model_step(peer_model* model, double dense_lr, double expert_lr, double weight_decay, double clip);
 /* Every layer's configuration, the parameters and the optimizer state in one checkpoint (atomic save;

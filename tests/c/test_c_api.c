@@ -28,8 +28,8 @@ static double loss_and_grad(const float* y, const float* target, float* dy) {
   return loss;
 }
 
-/* 60 AdamW steps on a fixed regression: the loss must halve. */
-static void train(peer_layer* layer, const float* x, const float* target, float* y, float* dy, const char* what) {
+/* 60 AdamW steps on a fixed regression (clipped to 1, or not): the loss must halve. */
+static void train_clipped(peer_layer* layer, const float* x, const float* target, float* y, float* dy, double clip, const char* what) {
   double first = 0, last = 0;
   for (int step = 0; step < 60; ++step) {
     int rc = peer_layer_forward(layer, x, B, STRIDE, y, STRIDE, PEER_MODE_TRAIN);
@@ -37,13 +37,17 @@ static void train(peer_layer* layer, const float* x, const float* target, float*
     if (step == 0) first = last;
     rc |= peer_layer_zero_grad(layer);
     rc |= peer_layer_backward(layer, dy, STRIDE, NULL, 0);
-    rc |= peer_layer_step(layer, 3e-3, 3e-2, 0.0, 1.0);
+    rc |= peer_layer_step(layer, 3e-3, 3e-2, 0.0, clip);
     if (rc != PEER_OK) {
       CHECK(0, "%s, step %d: %s", what, step, peer_last_error());
       return;
     }
   }
   CHECK(last < 0.5 * first, "%s: training lowers the loss: %g -> %g", what, first, last);
+}
+
+static void train(peer_layer* layer, const float* x, const float* target, float* y, float* dy, const char* what) {
+  train_clipped(layer, x, target, y, dy, 1.0, what);
 }
 
 int main(void) {
@@ -154,6 +158,60 @@ int main(void) {
     remove(path);
   }
   peer_layer_destroy(half);
+
+  /* Table training: fused float Adam gives the unfused run's outputs bit for bit; a bfloat16 table with
+   * row-wise Adagrad (2 bytes per parameter) fused into the backward trains; refusals name what is wrong. */
+  peer_table_training tt;
+  peer_table_training_default(&tt);
+  CHECK(tt.rule == PEER_TABLE_ADAM && tt.moment_storage == PEER_STORAGE_FLOAT && tt.fused == 0, "table training defaults");
+  peer_layer *plain = NULL, *fused = NULL, *rowwise = NULL, *other = NULL;
+  CHECK(peer_layer_create(&config, 9, &plain) == PEER_OK && peer_layer_create(&config, 9, &fused) == PEER_OK &&
+            peer_layer_create(&bf16, 9, &rowwise) == PEER_OK && peer_layer_create(&bf16, 9, &other) == PEER_OK,
+        "create: %s", peer_last_error());
+  if (plain != NULL && fused != NULL && rowwise != NULL && other != NULL) {
+    tt.fused = 1;
+    tt.expert_lr = 3e-2; /* what train_clipped passes to every step */
+    CHECK(peer_layer_set_table_training(fused, &tt) == PEER_OK, "fuse: %s", peer_last_error());
+    train_clipped(plain, x, target, y, dy, 0.0, "float table, Adam");
+    train_clipped(fused, x, target, y2, dy, 0.0, "float table, Adam, fused");
+    CHECK(peer_layer_forward(plain, x, B, STRIDE, y, STRIDE, PEER_MODE_EVAL) == PEER_OK &&
+              peer_layer_forward(fused, x, B, STRIDE, y2, STRIDE, PEER_MODE_EVAL) == PEER_OK,
+          "eval forward");
+    CHECK(memcmp(y, y2, sizeof(y)) == 0, "fused Adam reproduces the unfused run bit for bit");
+    CHECK(peer_layer_step(fused, 3e-3, 3e-2, 0.0, 1.0) == PEER_ERROR_INVALID_ARGUMENT, "clip with fused updates refused");
+    CHECK(strstr(peer_last_error(), "pass clip = 0") != NULL, "message: %s", peer_last_error());
+    CHECK(peer_layer_step(fused, 3e-3, 1e-2, 0.0, 0.0) == PEER_ERROR_INVALID_ARGUMENT, "another expert_lr with fused updates refused");
+    CHECK(strstr(peer_last_error(), "expert_lr = 0.010000 differs from the fused table updates' learning rate 0.030000") != NULL,
+          "message: %s", peer_last_error());
+    CHECK(peer_layer_set_table_training(plain, &tt) == PEER_ERROR_INVALID_ARGUMENT, "a change after the first step refused");
+    CHECK(strstr(peer_last_error(), "has taken 60 step(s)") != NULL, "message: %s", peer_last_error());
+    tt.rule = PEER_TABLE_ROW_WISE_ADAGRAD;
+    tt.moment_storage = PEER_STORAGE_BFLOAT16;
+    CHECK(peer_layer_set_table_training(rowwise, &tt) == PEER_ERROR_INVALID_ARGUMENT, "bf16 moments without moments refused");
+    CHECK(strstr(peer_last_error(), "row_wise_adagrad") != NULL, "message: %s", peer_last_error());
+    tt.moment_storage = PEER_STORAGE_FLOAT;
+    tt.rule = 7;
+    CHECK(peer_layer_set_table_training(rowwise, &tt) == PEER_ERROR_INVALID_ARGUMENT, "bad rule refused");
+    CHECK(strstr(peer_last_error(), "peer_table_training.rule = 7") != NULL, "message: %s", peer_last_error());
+    tt.rule = PEER_TABLE_ROW_WISE_ADAGRAD;
+    CHECK(peer_layer_set_table_training(rowwise, &tt) == PEER_OK, "row-wise Adagrad, fused: %s", peer_last_error());
+    train_clipped(rowwise, x, target, y, dy, 0.0, "bf16 table, row-wise Adagrad, fused");
+    /* Its checkpoint holds the row-wise state: a layer trained with Adam cannot load it, naming a tensor. */
+    CHECK(peer_layer_save(rowwise, path) == PEER_OK, "save: %s", peer_last_error());
+    CHECK(peer_layer_load(other, path) == PEER_ERROR_IO, "a checkpoint of another table rule refused");
+    CHECK(strstr(peer_last_error(), "tensor 'adam.adam.m.experts' is missing") != NULL, "message: %s", peer_last_error());
+    tt.fused = 0;
+    CHECK(peer_layer_set_table_training(other, &tt) == PEER_OK && peer_layer_load(other, path) == PEER_OK,
+          "loaded with the same rule: %s", peer_last_error());
+    CHECK(peer_layer_forward(rowwise, x, B, STRIDE, y, STRIDE, PEER_MODE_EVAL) == PEER_OK &&
+              peer_layer_forward(other, x, B, STRIDE, y2, STRIDE, PEER_MODE_EVAL) == PEER_OK && memcmp(y, y2, sizeof(y)) == 0,
+          "the loaded row-wise layer reproduces the saved one");
+    remove(path);
+  }
+  peer_layer_destroy(plain);
+  peer_layer_destroy(fused);
+  peer_layer_destroy(rowwise);
+  peer_layer_destroy(other);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -111,6 +111,28 @@ int main(void) {
     CHECK(rc == PEER_OK, "steps: %s", peer_last_error());
   }
 
+  /* 2b. Fused table updates on the model: a table shared by two layers gets two backwards per step, which
+   * fused updates refuse (the second one, with a message); unfused again, it trains as before. */
+  {
+    int f0 = -1, f1 = -1;
+    peer_model* fm = two_layer_model(5, &f0, &f1);
+    peer_table_training tt;
+    peer_table_training_default(&tt);
+    tt.fused = 1;
+    tt.expert_lr = 3e-2;
+    CHECK(peer_model_set_table_training(fm, &tt) == PEER_OK, "fuse the model: %s", peer_last_error());
+    int rc = peer_model_forward(fm, f0, x, B, 0, h, 0, PEER_MODE_TRAIN) | peer_model_forward(fm, f1, h, B, 0, out, 0, PEER_MODE_TRAIN);
+    loss_of(out, dy);
+    rc |= peer_model_zero_grad(fm) | peer_model_backward(fm, f1, dy, 0, dh, 0);
+    CHECK(rc == PEER_OK, "the first fused backward: %s", peer_last_error());
+    CHECK(peer_model_backward(fm, f0, dh, 0, NULL, 0) == PEER_ERROR_INVALID_ARGUMENT, "a second fused backward into a shared table refused");
+    CHECK(strstr(peer_last_error(), "exactly one backward per step") != NULL, "message: %s", peer_last_error());
+    tt.fused = 0;
+    CHECK(peer_model_zero_grad(fm) == PEER_OK && peer_model_set_table_training(fm, &tt) == PEER_OK, "unfuse: %s", peer_last_error());
+    train_step(fm, f0, f1);
+    peer_model_destroy(fm);
+  }
+
   /* 3. Checkpoint: save, train on, load: evaluation comes back bit for bit. */
   const char* ckpt = "c_model_test.ckpt";
   CHECK(eval_model(m, l0, l1, y) == PEER_OK, "eval: %s", peer_last_error());

@@ -72,22 +72,49 @@ void check_our_tensors(const Map& map, const Parameters<Scalar>& params) {
   });
 }
 
+/// The bfloat16 table named `ours` in `params`, or null (a dense tensor, or a table in Scalar).
+template <typename Scalar>
+RowTable<Scalar>* bf16_table(Parameters<Scalar>& params, const char* ours) {
+  const auto found = params.layout().find(ours);
+  if (found.second != ParamKind::kRowSparse) return nullptr;
+  RowTable<Scalar>& table = params.table(TableHandle{found.first});
+  return table.is_bf16() ? &table : nullptr;
+}
+
+/// Writes the maps' rows into `params`. A bfloat16 table receives each value rounded to the nearest
+/// bfloat16 (RowTable::write_row), its row widened and written back whole when a map fills a part of it.
 template <typename Map, typename Scalar>
 void import_torch(const Map& map, const std::map<std::string, ConstMatrixMap<Scalar>>& tensors, Parameters<Scalar>& params) {
   check_torch_tensors(map, tensors);
   check_our_tensors(map, params);
+  std::vector<Scalar> row;
   map.for_each_row([&](const char* theirs, Index their_row, const char* ours, Index our_row, Index our_col, Index cols) {
-    params.find(ours).row(our_row).segment(our_col, cols) = tensors.at(theirs).row(their_row);
+    if (RowTable<Scalar>* table = bf16_table(params, ours)) {
+      row.resize(static_cast<std::size_t>(table->cols()));
+      table->read_row(our_row, row.data());
+      Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(row.data() + our_col, cols) = tensors.at(theirs).row(their_row);
+      table->write_row(our_row, row.data());
+    } else {
+      params.find(ours).row(our_row).segment(our_col, cols) = tensors.at(theirs).row(their_row);
+    }
   });
 }
 
+/// Reads the maps' rows out of `params` (a bfloat16 table's rows widened, exactly).
 template <typename Map, typename Scalar>
 void export_torch(const Map& map, const Parameters<Scalar>& params, std::map<std::string, MatrixMap<Scalar>>& tensors) {
   check_torch_tensors(map, tensors);
   check_our_tensors(map, params);
   auto& p = const_cast<Parameters<Scalar>&>(params);  // find() is non-const; nothing is written to params
+  std::vector<Scalar> row;
   map.for_each_row([&](const char* theirs, Index their_row, const char* ours, Index our_row, Index our_col, Index cols) {
-    tensors.at(theirs).row(their_row) = p.find(ours).row(our_row).segment(our_col, cols);
+    if (const RowTable<Scalar>* table = bf16_table(p, ours)) {
+      row.resize(static_cast<std::size_t>(table->cols()));
+      table->read_row(our_row, row.data());
+      tensors.at(theirs).row(their_row) = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>(row.data() + our_col, cols);
+    } else {
+      tensors.at(theirs).row(their_row) = p.find(ours).row(our_row).segment(our_col, cols);
+    }
   });
 }
 
