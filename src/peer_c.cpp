@@ -205,8 +205,10 @@ void set_table_training(std::unique_ptr<peer::Adam<float>>& adam, double& fused_
   require(steps == 0, "the optimizer has taken " + std::to_string(steps) +
                           " step(s): choose the table training before the first step (its state would be lost)");
   for (std::size_t i = 0; i < layout.tables().size(); ++i) {
-    require(grads.table(peer::TableHandle{static_cast<int>(i)}).empty(),
-            "the gradient of table '" + layout.tables()[i].name + "' holds rows: call zero_grad first");
+    const auto& g = grads.table(peer::TableHandle{static_cast<int>(i)});
+    require(g.empty(), "the gradient of table '" + layout.tables()[i].name + "' holds rows: call zero_grad first");
+    require(!g.fused_pending(), "a fused backward has updated table '" + layout.tables()[i].name +
+                                    "' since the last step: take the step first (its update would be lost)");
   }
   auto fresh = std::make_unique<peer::Adam<float>>(layout, table_groups(*t), peer::AdamConfig::adamw());
   if (t->fused != 0) fresh->set_learning_rate(fresh->group_index("experts"), t->expert_lr);  // validated there

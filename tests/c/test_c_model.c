@@ -128,8 +128,10 @@ int main(void) {
     CHECK(peer_model_backward(fm, f0, dh, 0, NULL, 0) == PEER_ERROR_INVALID_ARGUMENT, "a second fused backward into a shared table refused");
     CHECK(strstr(peer_last_error(), "exactly one backward per step") != NULL, "message: %s", peer_last_error());
     tt.fused = 0;
-    CHECK(peer_model_zero_grad(fm) == PEER_OK && peer_model_set_table_training(fm, &tt) == PEER_OK, "unfuse: %s", peer_last_error());
-    train_step(fm, f0, f1);
+    CHECK(peer_model_set_table_training(fm, &tt) == PEER_ERROR_INVALID_ARGUMENT, "a change after a fused backward refused");
+    CHECK(strstr(peer_last_error(), "take the step first") != NULL, "message: %s", peer_last_error());
+    CHECK(peer_model_step(fm, 3e-3, 3e-2, 0.0, 0.0) == PEER_OK, "the step closes the fused backward: %s", peer_last_error());
+    CHECK(peer_model_set_table_training(fm, &tt) == PEER_ERROR_INVALID_ARGUMENT, "a change after the first step refused");
     peer_model_destroy(fm);
   }
 

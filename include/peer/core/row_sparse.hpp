@@ -82,6 +82,8 @@ class RowSparseGrad {
     fused_this_step_ = true;
   }
   void end_fused_step() { fused_this_step_ = false; }
+  /// Whether a fused backward has updated the table since the optimizer's last step.
+  bool fused_pending() const { return fused_this_step_; }
 
   /// Makes room for `rows` rows without moving the stored ones again until a batch touches more. The
   /// memory is only reserved: pages the rows never reach are never touched, so reserving the most rows a
