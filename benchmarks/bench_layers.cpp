@@ -165,6 +165,7 @@ struct StorageVariant {
   peer::TableOptimizer rule;
   peer::TableStorage moments;
   bool fused;
+  peer::SubKeyScoring scoring = peer::SubKeyScoring::kExact;
 };
 const StorageVariant kStorageVariants[] = {
     {"float_adam", peer::TableStorage::kNative, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kDefault, peer::TableStorage::kNative, false},
@@ -175,6 +176,10 @@ const StorageVariant kStorageVariants[] = {
     {"bf16_partial_row_wise_adam_bf16_m_fused", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kPartialRowWiseAdam, peer::TableStorage::kBFloat16, true},
     {"bf16_row_wise_adagrad", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative, false},
     {"bf16_row_wise_adagrad_fused", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative, true},
+    // Sub-keys scored in bf16 with the exact re-check (variants 8-10).
+    {"float_adam_bf16_checked_scoring", peer::TableStorage::kNative, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kDefault, peer::TableStorage::kNative, false, peer::SubKeyScoring::kBFloat16Checked},
+    {"bf16_adam_bf16_checked_scoring", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kDefault, peer::TableStorage::kNative, false, peer::SubKeyScoring::kBFloat16Checked},
+    {"bf16_row_wise_adagrad_fused_bf16_checked_scoring", peer::TableStorage::kBFloat16, peer::Bf16Rounding::kStochastic, peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative, true, peer::SubKeyScoring::kBFloat16Checked},
 };
 
 void BM_Storage(benchmark::State& state) {
@@ -184,6 +189,7 @@ void BM_Storage(benchmark::State& state) {
   state.SetLabel(v.label);
   peer::PeerConfig c = peer_config(d, 1024);
   c.expert_storage = v.table;
+  c.sub_key_scoring = v.scoring;
   peer::PeerLayer<float> layer(c);
   auto groups = peer::default_param_groups(1e-3);
   for (auto& g : groups) {
@@ -203,8 +209,7 @@ void storage_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"D", "phase", "variant", "B"});
   const long variants = static_cast<long>(sizeof(kStorageVariants) / sizeof(kStorageVariants[0]));
   for (long d : {256, 512}) {
-    b->Args({d, kForward, 0, 2048});
-    b->Args({d, kForward, 2, 2048});
+    for (long v : {0, 2, 8, 9}) b->Args({d, kForward, v, 2048});
     for (long v = 0; v < variants; ++v) b->Args({d, kTrainStep, v, d == 256 ? 2048 : 256});
   }
   for (long v : {4, 5, 6, 7}) b->Args({1024, kTrainStep, v, 256});

@@ -159,6 +159,11 @@ TEST(Contracts, EveryInvalidConfigurationIsRejectedWithItsRule) {
   bad([](peer::PeerConfig& c) { c.batch_norm_momentum = 1.5; }, "PeerConfig.batch_norm_momentum = 1.5 must be in [0, 1]");
   bad([](peer::PeerConfig& c) { c.norm_epsilon = 0; }, "PeerConfig.norm_epsilon = 0 must be finite and > 0");
   bad([](peer::PeerConfig& c) { c.model_dim = Index{1} << 25; }, "must be <= 2^24");
+  bad([](peer::PeerConfig& c) {
+        c.key_dim = 65538;
+        c.sub_key_scoring = peer::SubKeyScoring::kBFloat16Checked;
+      },
+      "PeerConfig.key_dim = 65538 must be <= 65536 with sub_key_scoring = bf16_checked");
   // The paper's configuration is valid.
   EXPECT_NO_THROW(peer::PeerConfig().validate());
   EXPECT_EQ(peer::PeerConfig().num_sub_keys(), 1024);

@@ -127,6 +127,16 @@ TEST(Gradients, LayerNormNoNormBiasAndPerHeadKeys) {
   run_gradient_check(per_head);
 }
 
+TEST(Gradients, SubKeysScoredInBf16WithTheExactRecheck) {
+  // The kept scores are re-check dots of the double queries and keys, so every gradient is exact.
+  for (auto sharing : {peer::KeySharing::kShared, peer::KeySharing::kPerHead}) {
+    Case tc{std::string("bf16_checked / ") + peer::to_string(sharing), base()};
+    tc.config.sub_key_scoring = peer::SubKeyScoring::kBFloat16Checked;
+    tc.config.key_sharing = sharing;
+    run_gradient_check(tc);
+  }
+}
+
 TEST(Gradients, TwoHeadsSelectingTheSameExpert) {
   // N = 9 experts, 4 heads of top 3: every token's heads overlap, so expert rows get several slots.
   Case tc{"shared experts across heads", small_config(6, 3, 4, 4, 3, 3)};

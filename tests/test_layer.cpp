@@ -29,6 +29,7 @@ std::vector<Variant> variants() {
                }});
   v.push_back({"per_head_keys", [](peer::PeerConfig& c) { c.key_sharing = peer::KeySharing::kPerHead; }});
   v.push_back({"k'>k", [](peer::PeerConfig& c) { c.sub_key_top_k = c.top_k + 2; }});
+  v.push_back({"bf16_checked_scoring", [](peer::PeerConfig& c) { c.sub_key_scoring = peer::SubKeyScoring::kBFloat16Checked; }});
   return v;
 }
 

@@ -42,6 +42,10 @@ struct PeerConfig {
   /// How the expert (or value) table is stored: the layer's Scalar, or bfloat16 (half the bytes of float,
   /// computed in Scalar; optimizers round updated rows, see peer/optim/table_rounding.hpp).
   TableStorage expert_storage = TableStorage::kNative;
+  /// How sub-keys are scored: the GEMM in Scalar (kExact), or bfloat16 with the candidates re-scored
+  /// exactly (kBFloat16Checked: the same exact retrieval over re-check scores, faster on CPUs with
+  /// AVX512_BF16; peer/retrieval/bf16_scoring.hpp). Needs key_dim <= 65536.
+  SubKeyScoring sub_key_scoring = SubKeyScoring::kExact;
 
   /// n = sqrt(N), the number of sub-keys per half (valid after validate()).
   Index num_sub_keys() const { return static_cast<Index>(std::llround(std::sqrt(static_cast<double>(num_experts)))); }
@@ -57,7 +61,8 @@ struct PeerConfig {
 
   /// The configuration as (key, value) text pairs, e.g. for a checkpoint's metadata. Doubles are written
   /// with 17 significant digits, so they read back exactly.
-  /// "expert_storage" is listed only when it is not native, so files from before it existed still match.
+  /// "expert_storage" and "sub_key_scoring" are listed only when they are not the default, so files from
+  /// before they existed still match.
   Fields to_fields() const {
     const auto num = detail::exact_text;
     Fields f{{"model_dim", std::to_string(model_dim)},
@@ -74,6 +79,7 @@ struct PeerConfig {
             {"batch_norm_momentum", num(batch_norm_momentum)},
             {"norm_epsilon", num(norm_epsilon)}};
     if (expert_storage != TableStorage::kNative) f.push_back({"expert_storage", to_string(expert_storage)});
+    if (sub_key_scoring != SubKeyScoring::kExact) f.push_back({"sub_key_scoring", to_string(sub_key_scoring)});
     return f;
   }
 
@@ -96,6 +102,9 @@ struct PeerConfig {
     if (num_heads <= 0) detail::throw_invalid(p + "num_heads", num_heads, "must be > 0");
     if (key_dim <= 0 || key_dim % 2 != 0) {
       detail::throw_invalid(p + "key_dim", key_dim, "must be even and > 0 (a query splits into two halves)");
+    }
+    if (sub_key_scoring == SubKeyScoring::kBFloat16Checked && key_dim / 2 > detail::kBf16ScoringMaxHalfDim) {
+      detail::throw_invalid(p + "key_dim", key_dim, "must be <= 65536 with sub_key_scoring = bf16_checked (the bound's range)");
     }
     if (sub_key_top_k <= 0) detail::throw_invalid(p + "sub_key_top_k", sub_key_top_k, "must be > 0");
     if (sub_key_top_k > n) {

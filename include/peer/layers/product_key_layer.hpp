@@ -304,6 +304,7 @@ class ProductKeyLayer : public detail::LayerLayout<ProductKeyLayer<Scalar, Memor
     p.top_k = c.top_k;
     p.sub_key_top_k = c.sub_key_top_k;
     p.key_sharing = c.key_sharing;
+    p.scoring = c.sub_key_scoring;
     return p;
   }
 

@@ -27,6 +27,10 @@
 ///
 /// Sub-keys are shared by all heads (the paper) or, with KeySharing::kPerHead, head h owns rows
 /// [h * n, (h + 1) * n) of both sets. Either way all heads share one expert pool.
+///
+/// With SubKeyScoring::kBFloat16Checked the sub-key scores s1, s2 that all of the above ranks by are the
+/// re-check dots of peer/retrieval/bf16_scoring.hpp (computed for the few candidates a bf16 pass cannot
+/// rule out), and every statement holds for them unchanged.
 
 #include <algorithm>
 #include <cmath>
@@ -43,6 +47,7 @@
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
 #include "peer/core/types.hpp"
+#include "peer/retrieval/bf16_scoring.hpp"
 #include "peer/retrieval/top_k.hpp"
 
 namespace peer {
@@ -60,6 +65,7 @@ struct ProductKeyConfig {
   Index top_k = 16;          ///< k kept per head
   Index sub_key_top_k = 16;  ///< k' kept per half, k <= k'^2, k' <= n
   KeySharing key_sharing = KeySharing::kShared;
+  SubKeyScoring scoring = SubKeyScoring::kExact;  ///< how s1, s2 are computed (both exact retrieval)
 };
 
 /// Product-key retrieval: registers "<prefix>left" and "<prefix>right" ([n, Dk / 2], or [H * n, Dk / 2]
@@ -77,6 +83,14 @@ class ProductKeyRetrieval {
     RowMatrix<Scalar> s_left, s_right;  // [T * H, n], row (t - t0) * H + h
     std::vector<std::int32_t> a_idx, b_idx, cand_id, sorted_b, tie_b;
     std::vector<Scalar> a_val, b_val, cand_val;
+    // SubKeyScoring::kBFloat16Checked: the rounded queries, one half's approximate scores [T * H, padded n]
+    // (row h T + t - t0), each row's candidates, and every row's exact top k' + 1 of both halves.
+    detail::Bf16Queries bf16_queries;
+    RowMatrix<float> approx;
+    std::vector<double> query_norm;
+    std::vector<std::int32_t> candidates, candidate_rank, checked_idx;
+    std::vector<float> approx_top;
+    std::vector<Scalar> candidate_val, checked_val;
   };
 
   /// Scratch of search and backward, owned by the caller (a layer keeps it in its cache).
@@ -87,6 +101,7 @@ class ProductKeyRetrieval {
     RowMatrix<Scalar> rows;          // backward: summed sub-key rows of one group set
     Index fallbacks = 0;             // queries of the last search that needed the exact tie enumeration
     std::vector<Index> thread_fallbacks;  // per-thread counts of the last search
+    detail::Bf16SubKeys bf16_keys[2];     // kBFloat16Checked: both sub-key sets, rounded and packed per search
   };
 
   ProductKeyRetrieval() = default;
@@ -94,6 +109,8 @@ class ProductKeyRetrieval {
 
   const ProductKeyConfig& config() const { return config_; }
   Index num_heads() const { return config_.num_heads; }
+  SubKeyScoring scoring() const { return config_.scoring; }
+  bool checked_scoring() const { return config_.scoring == SubKeyScoring::kBFloat16Checked; }
   Index key_dim() const { return config_.key_dim; }
   Index half_dim() const { return config_.key_dim / 2; }
   Index num_sub_keys() const { return config_.num_sub_keys; }
@@ -150,6 +167,34 @@ class ProductKeyRetrieval {
     std::vector<Index>& fallbacks = ws.thread_fallbacks;
     fallbacks.assign(ws.tiles.size(), 0);
     const Index h_count = num_heads(), k = top_k();
+    if (checked_scoring()) {
+      const Index groups = config_.key_sharing == KeySharing::kPerHead ? h_count : 1;
+      detail::pack_bf16_sub_keys<Scalar>(params.dense(left_), groups, ws.bf16_keys[0]);
+      detail::pack_bf16_sub_keys<Scalar>(params.dense(right_), groups, ws.bf16_keys[1]);
+      parallel_for(queries.rows(), tile_tokens(), [&](Index t0, Index t1, int thread) {
+        TileScratch& tile = ws.tiles[static_cast<std::size_t>(thread)];
+        checked_tile(params, queries, t0, t1, ws, tile);
+        const std::size_t ka = static_cast<std::size_t>(kept_per_half());
+        for (Index t = t0; t < t1; ++t) {
+          for (Index h = 0; h < h_count; ++h) {
+            const std::size_t row = static_cast<std::size_t>((t - t0) * h_count + h) * 2 * ka;
+            tile.a_idx.assign(tile.checked_idx.begin() + row, tile.checked_idx.begin() + row + ka);
+            tile.a_val.assign(tile.checked_val.begin() + row, tile.checked_val.begin() + row + ka);
+            tile.b_idx.assign(tile.checked_idx.begin() + row + ka, tile.checked_idx.begin() + row + 2 * ka);
+            tile.b_val.assign(tile.checked_val.begin() + row + ka, tile.checked_val.begin() + row + 2 * ka);
+            fallbacks[static_cast<std::size_t>(thread)] +=
+                combine(tile, &ids(t, h * k), &scores(t, h * k), [&](const Scalar*& l, const Scalar*& r) {
+                  recheck_row(params, queries, t, h, tile.s_left.row(0).data(), tile.s_right.row(0).data());
+                  l = tile.s_left.row(0).data();
+                  r = tile.s_right.row(0).data();
+                });
+          }
+        }
+      });
+      ws.fallbacks = std::accumulate(fallbacks.begin(), fallbacks.end(), Index(0));
+      detail::check_finite("retrieved scores", scores);
+      return;
+    }
     parallel_for(queries.rows(), tile_tokens(), [&](Index t0, Index t1, int thread) {
       TileScratch& tile = ws.tiles[static_cast<std::size_t>(thread)];
       score_tile(params, queries, t0, t1, tile);
@@ -184,8 +229,13 @@ class ProductKeyRetrieval {
           const Index offset = per_head ? h * n : 0;
           for (Index j = 0; j < k; ++j) {
             const ExpertId id = ids(t, h * k + j);
-            scores(t, h * k + j) = queries.row(t).segment(h * dk, half).dot(left.row(offset + id / n)) +
-                                   queries.row(t).segment(h * dk + half, half).dot(right.row(offset + id % n));
+            if (checked_scoring()) {
+              scores(t, h * k + j) = detail::recheck_dot(queries.row(t).data() + (h * dk), left.row(offset + id / n).data(), half) +
+                                     detail::recheck_dot(queries.row(t).data() + (h * dk + half), right.row(offset + id % n).data(), half);
+            } else {
+              scores(t, h * k + j) = queries.row(t).segment(h * dk, half).dot(left.row(offset + id / n)) +
+                                     queries.row(t).segment(h * dk + half, half).dot(right.row(offset + id % n));
+            }
           }
         }
       }
@@ -263,7 +313,33 @@ class ProductKeyRetrieval {
     prepare(ws);
     const Index h_count = num_heads(), n = num_sub_keys(), half = half_dim(), tt = tile_tokens();
     const Index full = std::min(rows, tt), last = rows % tt;
-    const std::size_t ka = static_cast<std::size_t>(std::min(sub_key_top_k() + 1, n));
+    const std::size_t ka = static_cast<std::size_t>(kept_per_half());
+    if (checked_scoring()) {
+      const Index pairs = (half + 1) / 2, padded = (n + 15) / 16 * 16, tile_rows = full * h_count;
+      for (TileScratch& tile : ws.tiles) {
+        for (auto* v : {&tile.a_idx, &tile.b_idx}) v->reserve(ka);
+        for (auto* v : {&tile.a_val, &tile.b_val}) v->reserve(ka);
+        tile.bf16_queries.resize(tile_rows, half);
+        if (tile.approx.rows() < tile_rows || tile.approx.cols() != padded) tile.approx.resize(tile_rows, padded);
+        tile.query_norm.reserve(static_cast<std::size_t>(tile_rows));
+        for (auto* v : {&tile.candidates, &tile.candidate_rank}) v->reserve(static_cast<std::size_t>(n));
+        tile.candidate_val.reserve(static_cast<std::size_t>(n));
+        tile.approx_top.reserve(ka);
+        tile.checked_idx.reserve(static_cast<std::size_t>(tile_rows) * 2 * ka);
+        tile.checked_val.reserve(static_cast<std::size_t>(tile_rows) * 2 * ka);
+        for (RowMatrix<Scalar>* m : {&tile.s_left, &tile.s_right}) {
+          if (m->rows() < 1 || m->cols() != n) m->resize(1, n);  // a whole exact row, for the rare tie repair
+        }
+        tile.sorted_b.reserve(static_cast<std::size_t>(n));
+        tile.tie_b.reserve(static_cast<std::size_t>(n));
+      }
+      ws.thread_fallbacks.reserve(ws.tiles.size());
+      if (!bf16_dot_instruction()) {
+        const Index m = config_.key_sharing == KeySharing::kShared ? h_count : 1;
+        detail::reserve_gemm<float>({{full * m, n, 2 * pairs}, {last * m, n, 2 * pairs}});
+      }
+      return;
+    }
     for (TileScratch& tile : ws.tiles) {
       reserve_tile(tile, full * h_count);
       for (auto* v : {&tile.a_idx, &tile.b_idx}) v->reserve(ka);
@@ -295,7 +371,8 @@ class ProductKeyRetrieval {
   }
 
   /// Sub-key scores of tokens [t0, t1): tile.s_left / s_right row (t - t0) * H + h holds s1 / s2 of
-  /// token t, head h. The brute-force oracle uses this same routine, so both see identical scores.
+  /// token t, head h. The brute-force oracle uses this same routine, so both see identical scores (with
+  /// kBFloat16Checked: every re-check dot, which search computes only for its candidates).
   void score_tile(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, Index t0, Index t1,
                   TileScratch& tile) const {
     const Index h_count = num_heads(), n = num_sub_keys(), half = half_dim(), dk = key_dim();
@@ -303,6 +380,15 @@ class ProductKeyRetrieval {
     const auto left = params.dense(left_);
     const auto right = params.dense(right_);
     reserve_tile(tile, rows);  // only the first `rows` rows are used
+    if (checked_scoring()) {
+      for (Index t = t0; t < t1; ++t) {
+        for (Index h = 0; h < h_count; ++h) {
+          const Index row = (t - t0) * h_count + h;
+          recheck_row(params, queries, t, h, tile.s_left.row(row).data(), tile.s_right.row(row).data());
+        }
+      }
+      return;
+    }
     if (config_.key_sharing == KeySharing::kShared) {
       // Stack every head's half-queries into one [T * H, Dk / 2] matrix: one GEMM per half.
       for (Index t = t0; t < t1; ++t) {
@@ -329,14 +415,29 @@ class ProductKeyRetrieval {
   /// score descending, ties to the lower id. Returns 1 when the exact tie enumeration ran, else 0.
   Index select(const Scalar* s_left, const Scalar* s_right, TileScratch& tile, ExpertId* out_ids,
                Scalar* out_scores) const {
-    const Index n = num_sub_keys(), k = top_k(), kk = sub_key_top_k();
-    const Index ka = std::min(kk + 1, n);  // one more than kept: the best excluded value bounds the rest
+    const Index n = num_sub_keys(), ka = kept_per_half();
     tile.a_idx.resize(static_cast<std::size_t>(ka));
     tile.b_idx.resize(static_cast<std::size_t>(ka));
     tile.a_val.resize(static_cast<std::size_t>(ka));
     tile.b_val.resize(static_cast<std::size_t>(ka));
     peer::top_k(s_left, n, ka, tile.a_idx.data(), tile.a_val.data());
     peer::top_k(s_right, n, ka, tile.b_idx.data(), tile.b_val.data());
+    return combine(tile, out_ids, out_scores, [&](const Scalar*& l, const Scalar*& r) {
+      l = s_left;
+      r = s_right;
+    });
+  }
+
+  /// k' + 1 (at most n): the sorted top of each half that the product-key stage reads; one more than kept,
+  /// since the best excluded value bounds the rest.
+  Index kept_per_half() const { return std::min(sub_key_top_k() + 1, num_sub_keys()); }
+
+  /// The product-key stage of select() over the halves' top k' + 1 already in tile.a_idx / a_val and
+  /// tile.b_idx / b_val (sorted, ties to the lower index). `full_rows(l, r)` points l and r at both halves'
+  /// whole score rows, asked for only when the tie repair must run.
+  template <typename FullRows>
+  Index combine(TileScratch& tile, ExpertId* out_ids, Scalar* out_scores, FullRows&& full_rows) const {
+    const Index n = num_sub_keys(), k = top_k(), kk = sub_key_top_k();
     const Scalar* av = tile.a_val.data();
     const Scalar* bv = tile.b_val.data();
     // Score the grid pairs (i, j) with (i + 1)(j + 1) <= k; keep the best k by (score desc, id asc).
@@ -363,8 +464,111 @@ class ProductKeyRetrieval {
       if (j_first < kk && av[i] + bv[j_first] >= t) tie_possible = true;
     }
     if (!tie_possible) return 0;
+    const Scalar* s_left = nullptr;
+    const Scalar* s_right = nullptr;
+    full_rows(s_left, s_right);
     resolve_ties(s_left, s_right, t, tile, out_ids, out_scores);
     return 1;
+  }
+
+  /// kBFloat16Checked: both halves' re-check scores of token t, head h against every sub-key (n each).
+  void recheck_row(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, Index t, Index h,
+                   Scalar* s_left, Scalar* s_right) const {
+    const Index n = num_sub_keys(), half = half_dim(), dk = key_dim();
+    const Index base = config_.key_sharing == KeySharing::kPerHead ? h * n : 0;
+    const auto left = params.dense(left_);
+    const auto right = params.dense(right_);
+    const Scalar* q = queries.row(t).data() + (h * dk);
+    for (Index j = 0; j < n; ++j) {
+      s_left[j] = detail::recheck_dot(q, left.row(base + j).data(), half);
+      s_right[j] = detail::recheck_dot(q + half, right.row(base + j).data(), half);
+    }
+  }
+
+  /// kBFloat16Checked: the exact top k' + 1 of both halves of every (token, head) of tokens [t0, t1), into
+  /// tile.checked_idx / checked_val at ((t - t0) H + h) 2 (k' + 1) (left, then right): bf16 scores, the
+  /// candidates the bound cannot rule out, their re-check dots (bf16_scoring.hpp).
+  void checked_tile(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, Index t0, Index t1,
+                    const Workspace& ws, TileScratch& tile) const {
+    const Index h_count = num_heads(), n = num_sub_keys(), half = half_dim(), dk = key_dim();
+    const Index tokens = t1 - t0, rows = tokens * h_count, ka = kept_per_half();
+    const bool per_head = config_.key_sharing == KeySharing::kPerHead;
+    const double roundoff = std::numeric_limits<Scalar>::epsilon();
+    tile.bf16_queries.resize(rows, half);
+    tile.query_norm.resize(static_cast<std::size_t>(rows));
+    tile.checked_idx.resize(static_cast<std::size_t>(rows * 2 * ka));
+    tile.checked_val.resize(static_cast<std::size_t>(rows * 2 * ka));
+    tile.approx_top.resize(static_cast<std::size_t>(ka));
+    tile.candidate_rank.resize(static_cast<std::size_t>(ka));
+    const Index padded = (n + 15) / 16 * 16;
+    if (tile.approx.rows() < rows || tile.approx.cols() != padded) tile.approx.resize(rows, padded);
+    for (int side = 0; side < 2; ++side) {
+      const auto keys = params.dense(side == 0 ? left_ : right_);
+      const detail::Bf16SubKeys& packed = ws.bf16_keys[side];
+      // Rows ordered h T + (t - t0): one head's rows are contiguous, as per-head keys need.
+      for (Index h = 0; h < h_count; ++h) {
+        for (Index t = t0; t < t1; ++t) {
+          const Scalar* q = queries.row(t).data() + (h * dk + side * half);
+          const Index r = h * tokens + (t - t0);
+          tile.bf16_queries.set_row(r, q, half);
+          // |q| in Scalar (one vector pass), raised by its own rounding bound (d + 2) u_S.
+          const double sq = static_cast<double>(Eigen::Map<const Vector<Scalar>>(q, half).squaredNorm());
+          tile.query_norm[static_cast<std::size_t>(r)] = std::sqrt(sq) * (1.0 + static_cast<double>(half + 2) * roundoff);
+        }
+      }
+      if (per_head) {
+        for (Index h = 0; h < h_count; ++h) {
+          detail::bf16_score(tile.bf16_queries, h * tokens, tokens, packed, h, tile.approx.row(h * tokens).data(), padded);
+        }
+      } else {
+        detail::bf16_score(tile.bf16_queries, 0, rows, packed, 0, tile.approx.data(), padded);
+      }
+      for (Index h = 0; h < h_count; ++h) {
+        const Index g = per_head ? h : 0;
+        const double key_norm = packed.max_norm[static_cast<std::size_t>(g)];
+        for (Index t = t0; t < t1; ++t) {
+          const Index r = h * tokens + (t - t0);
+          const Scalar* q = queries.row(t).data() + (h * dk + side * half);
+          const float* a = tile.approx.row(r).data();
+          const double q_norm = tile.query_norm[static_cast<std::size_t>(r)];
+          // Candidates: every j with a_j >= tau - 2E (all of them when the approximate scores may overflow).
+          auto& cand = tile.candidates;
+          cand.clear();
+          if (q_norm * key_norm > detail::kBf16ScoringMaxProduct) {
+            for (Index j = 0; j < n; ++j) cand.push_back(static_cast<std::int32_t>(j));
+          } else {
+            peer::top_k(a, n, ka, tile.candidate_rank.data(), tile.approx_top.data());
+            const double bound = detail::bf16_score_bound(q_norm, key_norm, half, roundoff);
+            const double floor = static_cast<double>(tile.approx_top[static_cast<std::size_t>(ka - 1)]) - 2.0 * bound;
+            float theta = static_cast<float>(floor);
+            if (static_cast<double>(theta) > floor) theta = std::nextafter(theta, -std::numeric_limits<float>::infinity());
+            // One vector compare per block of 16 (theta is near the top: nearly every mask is 0).
+            Index j = 0;
+            for (; j + 16 <= n; j += 16) {
+              for (std::uint32_t mask = detail::mask16_at_least(a + j, theta); mask != 0; mask &= mask - 1) {
+                cand.push_back(static_cast<std::int32_t>(j + detail::lowest_bit(mask)));
+              }
+            }
+            for (; j < n; ++j) {
+              if (a[j] >= theta) cand.push_back(static_cast<std::int32_t>(j));
+            }
+          }
+          const Index m = static_cast<Index>(cand.size());
+          tile.candidate_val.resize(cand.size());
+          const Index base = g * n;
+          for (Index c = 0; c < m; ++c) {
+            tile.candidate_val[static_cast<std::size_t>(c)] =
+                detail::recheck_dot(q, keys.row(base + cand[static_cast<std::size_t>(c)]).data(), half);
+          }
+          // The candidates are in ascending index order, so top_k's ties to the lower position are ties to
+          // the lower sub-key.
+          const std::size_t out = static_cast<std::size_t>(((t - t0) * h_count + h) * 2 + side) * static_cast<std::size_t>(ka);
+          std::int32_t* idx = tile.checked_idx.data() + out;
+          peer::top_k(tile.candidate_val.data(), m, ka, idx, tile.checked_val.data() + out);
+          for (Index i = 0; i < ka; ++i) idx[i] = cand[static_cast<std::size_t>(idx[i])];
+        }
+      }
+    }
   }
 
  private:

@@ -11,10 +11,59 @@
 
 #include <Eigen/Core>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "peer/core/error.hpp"
 #include "peer/core/types.hpp"
 
 namespace peer {
+
+namespace detail {
+
+/// Bit j (j < 16) set iff p[j] >= t (false for NaN): one vector compare where the CPU has one.
+inline std::uint32_t mask16_at_least(const float* p, float t) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GE_OQ);
+#elif defined(__AVX2__)
+  const __m256 vt = _mm256_set1_ps(t);
+  const std::uint32_t lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), vt, _CMP_GE_OQ)));
+  const std::uint32_t hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), vt, _CMP_GE_OQ)));
+  return lo | (hi << 8);
+#else
+  std::uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] >= t) << j;
+  return m;
+#endif
+}
+inline std::uint32_t mask16_at_least(const double* p, double t) {
+#if defined(__AVX512F__)
+  const __m512d vt = _mm512_set1_pd(t);
+  return static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p), vt, _CMP_GE_OQ)) |
+         (static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p + 8), vt, _CMP_GE_OQ)) << 8);
+#else
+  std::uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] >= t) << j;
+  return m;
+#endif
+}
+
+/// Index of the lowest set bit of m != 0.
+inline int lowest_bit(std::uint32_t m) {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_ctz(m);
+#else
+  int j = 0;
+  while (!(m & 1u)) {
+    m >>= 1;
+    ++j;
+  }
+  return j;
+#endif
+}
+
+}  // namespace detail
 
 /// A running top-k over (score, index) pairs pushed in ASCENDING index order. The k best are kept sorted
 /// in `values`/`indices`; an equal score never displaces an earlier (lower) index.
@@ -66,14 +115,13 @@ class TopKBuffer {
 /// elements, so the k-th largest of them, t, is a lower bound of the k-th largest value; the second pass offers only
 /// the values >= t (a few dozen of 1024 on random data) to a sorted buffer, in index order. Values
 /// below t can never be among the k largest, so the result is exact, ties included. Both passes are
-/// branch-free vector loops over blocks of 16 (MACHINE.md measured this family of methods at about 8x a
-/// heap). Other sizes use the buffer over all values.
+/// vector loops over blocks of 16, the second one compare to a bit mask per block (MACHINE.md measured
+/// this family of methods at about 8x a heap). Other sizes use the buffer over all values.
 template <typename Scalar>
 void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Scalar* out_values) {
   PEER_ASSERT(k > 0 && k <= n);
   constexpr Index kLanes = 32, kBlock = 16;
   using Lanes = Eigen::Array<Scalar, kLanes, 1>;
-  using Block = Eigen::Array<Scalar, kBlock, 1>;
   TopKBuffer<Scalar> best(k, out_values, out_indices);
   Index start = 0;
   Scalar t;
@@ -93,16 +141,15 @@ void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Sc
   }
   // Offer every value >= t (a value equal to the bound may still be among the k largest).
   const Index blocks_end = start + (n - start) / kBlock * kBlock;
+  static_assert(kBlock == 16, "top_k: blocks are one 16-bit mask");
   for (Index b = start; b < blocks_end; b += kBlock) {
-    if (Eigen::Map<const Block>(values + b).maxCoeff() < t) continue;
-    // Branch-free compaction of the block's survivors, then the (rare) pushes.
-    std::int32_t survivors[kBlock];
-    int count = 0;
-    for (Index j = b; j < b + kBlock; ++j) {
-      survivors[count] = static_cast<std::int32_t>(j);
-      count += values[j] >= t;
+    std::uint32_t mask = detail::mask16_at_least(values + b, t);
+    if (mask == 0) continue;
+    // The block's survivors in index order (the rare pushes).
+    for (; mask != 0; mask &= mask - 1) {
+      const Index j = b + detail::lowest_bit(mask);
+      best.push(values[j], static_cast<std::int32_t>(j));
     }
-    for (int c = 0; c < count; ++c) best.push(values[survivors[c]], survivors[c]);
     if (best.full() && best.threshold() > t) t = best.threshold();
   }
   for (Index j = blocks_end; j < n; ++j) {
