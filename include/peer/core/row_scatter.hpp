@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -61,9 +60,6 @@ inline void streaming_fence() {
 #endif
 }
 
-/// How many items ahead scatter_rows asks for an item's inputs (see prefetch_item).
-constexpr std::int64_t kPrefetchItems = 4;
-
 /// Reusable memory of scatter_rows.
 template <typename Scalar>
 struct RowScatterWorkspace {
@@ -78,11 +74,9 @@ struct RowScatterWorkspace {
 /// expression of `cols` scalars, zeroed before the first item: add_item must ADD).
 /// With a sink on `grad` (fused table updates) each summed row goes to sink->update_row instead, the same
 /// sum in the same order, and nothing is stored.
-/// `prefetch_item(i)` (optional) asks for what add_item(i, .) will read: it is called kPrefetchItems items
-/// ahead, in the order the items are summed (a hint; results do not depend on it).
-template <typename Scalar, typename AddItem, typename PrefetchItem>
+template <typename Scalar, typename AddItem>
 void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSparseGrad<Scalar>& grad,
-                  RowScatterWorkspace<Scalar>& ws, AddItem&& add_item, PrefetchItem&& prefetch_item) {
+                  RowScatterWorkspace<Scalar>& ws, AddItem&& add_item) {
   const Index b_count = ids.rows(), slots = ids.cols(), items = b_count * slots;
   ws.keys.resize(static_cast<std::size_t>(items));
   for (Index t = 0; t < b_count; ++t) {
@@ -97,16 +91,10 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   auto sum_rows = [&](auto&& finish) {
     parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int thread) {
       Scalar* buffer = ws.buffers.row(thread).data();
-      // The chunk's items are order[starts[g0], starts[g1]): one run, whatever the group boundaries.
-      const std::int64_t chunk_end = g.starts[static_cast<std::size_t>(g1)];
-      for (std::int64_t p = g.starts[static_cast<std::size_t>(g0)]; p < std::min(chunk_end, g.starts[static_cast<std::size_t>(g0)] + kPrefetchItems); ++p) {
-        prefetch_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]));
-      }
       for (Index gi = g0; gi < g1; ++gi) {
         Eigen::Map<RowVec> row(buffer, cols);
         row.setZero();
         for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
-          if (p + kPrefetchItems < chunk_end) prefetch_item(static_cast<Index>(g.order[static_cast<std::size_t>(p + kPrefetchItems)]));
           add_item(static_cast<Index>(g.order[static_cast<std::size_t>(p)]), row);
         }
         finish(gi, buffer, thread);
@@ -137,13 +125,6 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
     }
   });
   if (!direct) grad.add(g.keys, ws.rows.data());
-}
-
-/// scatter_rows without prefetching.
-template <typename Scalar, typename AddItem>
-void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSparseGrad<Scalar>& grad,
-                  RowScatterWorkspace<Scalar>& ws, AddItem&& add_item) {
-  scatter_rows(ids, num_rows, cols, grad, ws, std::forward<AddItem>(add_item), [](Index) {});
 }
 
 }  // namespace detail

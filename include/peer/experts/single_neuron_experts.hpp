@@ -153,19 +153,11 @@ class SingleNeuronExperts {
       }
     });
     // Row gradients: du_i | dv_i, each touched row summed once, in slot order.
-    // Items come in row order, so their tokens are random: x and dy rows are fetched a few items ahead.
-    const Index row_bytes = d * static_cast<Index>(sizeof(Scalar));
-    detail::scatter_rows(
-        ids, num_experts(), 2 * d, grads.table(table_), ws.scatter,
-        [&](Index item, auto row) {
-          const Index t = item / slots;
-          row.head(d) += ws.coef_u[static_cast<std::size_t>(item)] * x.row(t);
-          row.tail(d) += ws.coef_v[static_cast<std::size_t>(item)] * dy.row(t);
-        },
-        [&](Index item) {
-          detail::prefetch_bytes(x.row(item / slots).data(), row_bytes);
-          detail::prefetch_bytes(dy.row(item / slots).data(), row_bytes);
-        });
+    detail::scatter_rows(ids, num_experts(), 2 * d, grads.table(table_), ws.scatter, [&](Index item, auto row) {
+      const Index t = item / slots;
+      row.head(d) += ws.coef_u[static_cast<std::size_t>(item)] * x.row(t);
+      row.tail(d) += ws.coef_v[static_cast<std::size_t>(item)] * dy.row(t);
+    });
   }
 
   /// forward()'s checks of its arguments (std::invalid_argument naming the first that is wrong).
