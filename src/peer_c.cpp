@@ -128,6 +128,11 @@ peer::PeerConfig to_config(const peer_config& c) {
     case PEER_STORAGE_BFLOAT16: p.expert_storage = peer::TableStorage::kBFloat16; break;
     default: peer::detail::throw_invalid("peer_config.expert_storage", c.expert_storage, "must be a peer_storage value (0 or 1)");
   }
+  switch (c.sub_key_scoring) {
+    case PEER_SCORING_EXACT: p.sub_key_scoring = peer::SubKeyScoring::kExact; break;
+    case PEER_SCORING_BF16_CHECKED: p.sub_key_scoring = peer::SubKeyScoring::kBFloat16Checked; break;
+    default: peer::detail::throw_invalid("peer_config.sub_key_scoring", c.sub_key_scoring, "must be a peer_sub_key_scoring value (0 or 1)");
+  }
   return p;
 }
 
@@ -147,6 +152,7 @@ void from_config(const peer::PeerConfig& p, peer_config& c) {
                                                                : PEER_QUERY_NORM_HALF_LAYER;
   c.key_sharing = p.key_sharing == peer::KeySharing::kShared ? PEER_KEYS_SHARED : PEER_KEYS_PER_HEAD;
   c.expert_storage = p.expert_storage == peer::TableStorage::kBFloat16 ? PEER_STORAGE_BFLOAT16 : PEER_STORAGE_FLOAT;
+  c.sub_key_scoring = p.sub_key_scoring == peer::SubKeyScoring::kBFloat16Checked ? PEER_SCORING_BF16_CHECKED : PEER_SCORING_EXACT;
 }
 
 std::string prefix_of(const char* prefix) { return prefix == nullptr ? std::string() : std::string(prefix); }

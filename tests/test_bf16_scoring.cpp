@@ -267,6 +267,10 @@ TEST(Bf16Scoring, HugeQueriesAreScoredExactly) {
   KeysSetup<float> s(checked_config(2, 8, 12, 4, 4, peer::KeySharing::kShared));
   const Mat<float> q = random_matrix<float>(5, 16, 3, 1e36);
   expect_search_equals_brute_force(s, q, "huge queries");
+  // Queries near the float maximum (their bf16 roundings are infinite) against zero sub-keys: no NaN.
+  for (const char* name : {"sub_keys.left", "sub_keys.right"}) s.params.find(name).setZero();
+  Mat<float> q_max = Mat<float>::Constant(5, 16, 3.39e38f);
+  expect_search_equals_brute_force(s, q_max, "queries near FLT_MAX, zero keys");
 }
 
 TEST(Bf16Scoring, BitwiseIdenticalForAnyThreadCount) {

@@ -164,6 +164,10 @@ TEST(Contracts, EveryInvalidConfigurationIsRejectedWithItsRule) {
         c.sub_key_scoring = peer::SubKeyScoring::kBFloat16Checked;
       },
       "PeerConfig.key_dim = 65538 must be <= 65536 with sub_key_scoring = bf16_checked");
+  // The scoring mode is no part of the configuration a checkpoint must match.
+  peer::PeerConfig checked;
+  checked.sub_key_scoring = peer::SubKeyScoring::kBFloat16Checked;
+  EXPECT_EQ(peer::PeerConfig().first_difference(checked), "");
   // The paper's configuration is valid.
   EXPECT_NO_THROW(peer::PeerConfig().validate());
   EXPECT_EQ(peer::PeerConfig().num_sub_keys(), 1024);

@@ -45,6 +45,9 @@ enum peer_key_sharing { PEER_KEYS_SHARED = 0, PEER_KEYS_PER_HEAD = 1 };
 /* How the expert table is stored: float, or bfloat16 (half the bytes; computed in float; updated rows are
  * written back with deterministic stochastic rounding; docs/storage.md). */
 enum peer_storage { PEER_STORAGE_FLOAT = 0, PEER_STORAGE_BFLOAT16 = 1 };
+/* How sub-keys are scored: exactly in float, or in bfloat16 with the candidates re-scored exactly (the same
+ * exact retrieval over the re-check scores; faster on CPUs with AVX512_BF16; docs/design.md section 3). */
+enum peer_sub_key_scoring { PEER_SCORING_EXACT = 0, PEER_SCORING_BF16_CHECKED = 1 };
 
 /* A PEER layer's configuration; peer_config_default() fills the paper's defaults (as peer::PeerConfig). */
 typedef struct peer_config {
@@ -58,6 +61,7 @@ typedef struct peer_config {
   int query_norm;        /* enum peer_query_norm */
   int key_sharing;       /* enum peer_key_sharing */
   int expert_storage;    /* enum peer_storage (0, float, when left zero) */
+  int sub_key_scoring;   /* enum peer_sub_key_scoring (0, exact, when left zero) */
 } peer_config;
 
 typedef struct peer_layer peer_layer;

@@ -140,8 +140,13 @@ int main(void) {
   bad.expert_storage = 5;
   CHECK(peer_layer_create(&bad, 1, &none) == PEER_ERROR_INVALID_ARGUMENT, "bad storage refused");
   CHECK(strstr(peer_last_error(), "peer_config.expert_storage = 5") != NULL, "message: %s", peer_last_error());
+  bad = config;
+  bad.sub_key_scoring = 2;
+  CHECK(peer_layer_create(&bad, 1, &none) == PEER_ERROR_INVALID_ARGUMENT, "bad sub-key scoring refused");
+  CHECK(strstr(peer_last_error(), "peer_config.sub_key_scoring = 2") != NULL, "message: %s", peer_last_error());
   peer_config bf16 = config;
   bf16.expert_storage = PEER_STORAGE_BFLOAT16;
+  bf16.sub_key_scoring = PEER_SCORING_BF16_CHECKED; /* and the sub-keys scored in bf16, re-checked */
   peer_layer* half = NULL;
   CHECK(peer_layer_create(&bf16, 7, &half) == PEER_OK, "create bf16: %s", peer_last_error());
   if (half != NULL) {

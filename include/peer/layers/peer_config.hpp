@@ -61,8 +61,9 @@ struct PeerConfig {
 
   /// The configuration as (key, value) text pairs, e.g. for a checkpoint's metadata. Doubles are written
   /// with 17 significant digits, so they read back exactly.
-  /// "expert_storage" and "sub_key_scoring" are listed only when they are not the default, so files from
-  /// before they existed still match.
+  /// "expert_storage" is listed only when it is not native, so files from before it existed still match.
+  /// sub_key_scoring is not listed: it changes how retrieval computes, no parameter, so a checkpoint of
+  /// either mode loads into a layer of the other.
   Fields to_fields() const {
     const auto num = detail::exact_text;
     Fields f{{"model_dim", std::to_string(model_dim)},
@@ -79,7 +80,6 @@ struct PeerConfig {
             {"batch_norm_momentum", num(batch_norm_momentum)},
             {"norm_epsilon", num(norm_epsilon)}};
     if (expert_storage != TableStorage::kNative) f.push_back({"expert_storage", to_string(expert_storage)});
-    if (sub_key_scoring != SubKeyScoring::kExact) f.push_back({"sub_key_scoring", to_string(sub_key_scoring)});
     return f;
   }
 

@@ -97,8 +97,8 @@ inline double bf16_score_bound(double q_norm, double key_norm, Index d, double s
   return (rel * q_norm * key_norm + abs) * (1.0 + std::ldexp(1.0, -10));
 }
 
-/// Largest |q| |c| product the approximate scores are used for: beyond it a bf16 product or sum could
-/// overflow float, and the row is scored exactly instead.
+/// Largest |q|, max |c| and |q| max |c| the approximate scores are used for: beyond them a rounded operand,
+/// product or sum could overflow (and inf * 0 is NaN), and the row is scored exactly instead.
 constexpr double kBf16ScoringMaxProduct = 1e36;
 
 /// One sub-key set in the kernel's layout: `groups` groups of n keys (1, or H with per-head keys), each

@@ -531,10 +531,12 @@ class ProductKeyRetrieval {
           const Scalar* q = queries.row(t).data() + (h * dk + side * half);
           const float* a = tile.approx.row(r).data();
           const double q_norm = tile.query_norm[static_cast<std::size_t>(r)];
-          // Candidates: every j with a_j >= tau - 2E (all of them when the approximate scores may overflow).
+          // Candidates: every j with a_j >= tau - 2E (all of them when a rounded operand or a score could
+          // overflow: then a bf16 value may be infinite, and inf * 0 is NaN).
           auto& cand = tile.candidates;
           cand.clear();
-          if (q_norm * key_norm > detail::kBf16ScoringMaxProduct) {
+          const double limit = detail::kBf16ScoringMaxProduct;
+          if (!(q_norm <= limit && key_norm <= limit && q_norm * key_norm <= limit)) {
             for (Index j = 0; j < n; ++j) cand.push_back(static_cast<std::int32_t>(j));
           } else {
             peer::top_k(a, n, ka, tile.candidate_rank.data(), tile.approx_top.data());
