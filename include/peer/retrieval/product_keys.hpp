@@ -322,7 +322,8 @@ class ProductKeyRetrieval {
         tile.bf16_queries.resize(tile_rows, half);
         if (tile.approx.rows() < tile_rows || tile.approx.cols() != padded) tile.approx.resize(tile_rows, padded);
         tile.query_norm.reserve(static_cast<std::size_t>(tile_rows));
-        for (auto* v : {&tile.candidates, &tile.candidate_rank}) v->reserve(static_cast<std::size_t>(n));
+        tile.candidates.resize(static_cast<std::size_t>(n + 16));
+        tile.candidate_rank.reserve(static_cast<std::size_t>(n));
         tile.candidate_val.reserve(static_cast<std::size_t>(n));
         tile.approx_top.reserve(ka);
         tile.checked_idx.reserve(static_cast<std::size_t>(tile_rows) * 2 * ka);
@@ -500,6 +501,7 @@ class ProductKeyRetrieval {
     tile.checked_val.resize(static_cast<std::size_t>(rows * 2 * ka));
     tile.approx_top.resize(static_cast<std::size_t>(ka));
     tile.candidate_rank.resize(static_cast<std::size_t>(ka));
+    if (static_cast<Index>(tile.candidates.size()) < n + 16) tile.candidates.resize(static_cast<std::size_t>(n + 16));
     const Index padded = (n + 15) / 16 * 16;
     if (tile.approx.rows() < rows || tile.approx.cols() != padded) tile.approx.resize(rows, padded);
     for (int side = 0; side < 2; ++side) {
@@ -533,41 +535,32 @@ class ProductKeyRetrieval {
           const double q_norm = tile.query_norm[static_cast<std::size_t>(r)];
           // Candidates: every j with a_j >= tau - 2E (all of them when a rounded operand or a score could
           // overflow: then a bf16 value may be infinite, and inf * 0 is NaN).
-          auto& cand = tile.candidates;
-          cand.clear();
+          // tile.candidates keeps n + 16 slots (the vector scan stores whole blocks); the first m are used.
+          std::int32_t* cand = tile.candidates.data();
+          Index m = 0;
           const double limit = detail::kBf16ScoringMaxProduct;
           if (!(q_norm <= limit && key_norm <= limit && q_norm * key_norm <= limit)) {
-            for (Index j = 0; j < n; ++j) cand.push_back(static_cast<std::int32_t>(j));
+            for (Index j = 0; j < n; ++j) cand[m++] = static_cast<std::int32_t>(j);
           } else {
             peer::top_k(a, n, ka, tile.candidate_rank.data(), tile.approx_top.data());
             const double bound = detail::bf16_score_bound(q_norm, key_norm, half, roundoff);
             const double floor = static_cast<double>(tile.approx_top[static_cast<std::size_t>(ka - 1)]) - 2.0 * bound;
             float theta = static_cast<float>(floor);
             if (static_cast<double>(theta) > floor) theta = std::nextafter(theta, -std::numeric_limits<float>::infinity());
-            // One vector compare per block of 16 (theta is near the top: nearly every mask is 0).
-            Index j = 0;
-            for (; j + 16 <= n; j += 16) {
-              for (std::uint32_t mask = detail::mask16_at_least(a + j, theta); mask != 0; mask &= mask - 1) {
-                cand.push_back(static_cast<std::int32_t>(j + detail::lowest_bit(mask)));
-              }
-            }
-            for (; j < n; ++j) {
-              if (a[j] >= theta) cand.push_back(static_cast<std::int32_t>(j));
-            }
+            m = detail::indices_at_least(a, n, theta, cand);
           }
-          const Index m = static_cast<Index>(cand.size());
-          tile.candidate_val.resize(cand.size());
+          tile.candidate_val.resize(static_cast<std::size_t>(m));
           const Index base = g * n;
           for (Index c = 0; c < m; ++c) {
             tile.candidate_val[static_cast<std::size_t>(c)] =
-                detail::recheck_dot(q, keys.row(base + cand[static_cast<std::size_t>(c)]).data(), half);
+                detail::recheck_dot(q, keys.row(base + cand[c]).data(), half);
           }
           // The candidates are in ascending index order, so top_k's ties to the lower position are ties to
           // the lower sub-key.
           const std::size_t out = static_cast<std::size_t>(((t - t0) * h_count + h) * 2 + side) * static_cast<std::size_t>(ka);
           std::int32_t* idx = tile.checked_idx.data() + out;
           peer::top_k(tile.candidate_val.data(), m, ka, idx, tile.checked_val.data() + out);
-          for (Index i = 0; i < ka; ++i) idx[i] = cand[static_cast<std::size_t>(idx[i])];
+          for (Index i = 0; i < ka; ++i) idx[i] = cand[idx[i]];
         }
       }
     }

@@ -63,6 +63,35 @@ inline int lowest_bit(std::uint32_t m) {
 #endif
 }
 
+/// Writes the indices j < n with values[j] >= t to out, ascending, and returns how many. `out` has room for
+/// n + 16 (the vector path stores whole blocks of 16 lanes and advances by the survivors). Branch-free per
+/// block with AVX-512 (a compare, a register compress, a store); the portable path walks each block's mask.
+inline Index indices_at_least(const float* values, Index n, float t, std::int32_t* out) {
+  Index count = 0, j = 0;
+#if defined(__AVX512F__)
+  const __m512 vt = _mm512_set1_ps(t);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  for (; j + 16 <= n; j += 16) {
+    const __mmask16 mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(values + j), vt, _CMP_GE_OQ);
+    // The register form of the compress (the memory form is microcoded and slow on some CPUs).
+    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi32(mask, idx));
+    count += __builtin_popcount(static_cast<unsigned>(mask));
+    idx = _mm512_add_epi32(idx, step);
+  }
+#else
+  for (; j + 16 <= n; j += 16) {
+    for (std::uint32_t mask = mask16_at_least(values + j, t); mask != 0; mask &= mask - 1) {
+      out[count++] = static_cast<std::int32_t>(j + lowest_bit(mask));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    if (values[j] >= t) out[count++] = static_cast<std::int32_t>(j);
+  }
+  return count;
+}
+
 }  // namespace detail
 
 /// A running top-k over (score, index) pairs pushed in ASCENDING index order. The k best are kept sorted
