@@ -29,18 +29,34 @@ namespace peer {
 #ifndef PEER_PREFETCH_ROWS
 #define PEER_PREFETCH_ROWS 2
 #endif
+/// Where those requests load to: 2 = L2 (prefetcht1, the default), 3 = L1 (prefetcht0). A row is 8-32
+/// lines and two rows in flight overflow the L1's few miss buffers; on the AMD EPYC AVX-512 host the
+/// expert forward at D = 256 ran faster with L2 requests (docs/benchmarks.md, "Row prefetching restored").
+#ifndef PEER_PREFETCH_LOCALITY
+#define PEER_PREFETCH_LOCALITY 2
+#endif
 
 namespace detail {
 
 /// Asks the CPU to start loading [p, p + bytes) into cache, one request per 64-byte line (a hint: no
-/// effect on results; nothing where the compiler has no prefetch builtin). Random rows of a table far
-/// larger than the cache stall on DRAM latency at each row start; the kernels call this a few rows ahead.
+/// effect on results). Random rows of a table far larger than the cache stall on DRAM latency at each row
+/// start; the kernels call this a few rows ahead. On x86 the requests are inline assembly: GCC 12 deletes a
+/// loop whose only statements are __builtin_prefetch calls when its trip count is not a constant (the
+/// loop has no side effects to it), so the builtin version issued nothing at all for rows of run-time size.
 inline void prefetch_bytes(const void* p, Index bytes) {
-#if defined(__GNUC__) || defined(__clang__)
   const char* c = static_cast<const char*>(p);
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  for (Index off = 0; off < bytes; off += 64) {
+#if PEER_PREFETCH_LOCALITY == 2
+    __asm__ volatile("prefetcht1 %0" : : "m"(*(c + off)));
+#else
+    __asm__ volatile("prefetcht0 %0" : : "m"(*(c + off)));
+#endif
+  }
+#elif defined(__GNUC__) || defined(__clang__)
   for (Index off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
 #else
-  (void)p;
+  (void)c;
   (void)bytes;
 #endif
 }
