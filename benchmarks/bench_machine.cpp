@@ -5,7 +5,8 @@
 //   and one sub-key scoring tile [T H, Dk / 2] x [Dk / 2, n] (T = 16 tokens, so 128 rows; n = 1024),
 //   each as the library runs it (peer::detail::gemm, single-threaded, inside parallel_for over fixed row
 //   blocks) next to plain Eigen `c.noalias() += a * b` over the same blocks, and for the query
-//   projection also Eigen's own product over the whole matrix (Eigen threads it itself);
+//   projection also Eigen's own product over the whole matrix (Eigen threads it itself); the sub-key tile
+//   also in bf16 as SubKeyScoring::kBFloat16Checked scores it (VDPBF16PS, and AMX tiles where built in);
 // - random row gathers from a [N, 2D] table far larger than the cache (N = 1024^2: 2 GiB at D = 256,
 //   4 GiB at D = 512), B H k = 1024 x 8 x 16 rows summed per token, with and without the kernels'
 //   software prefetch two rows ahead;
@@ -41,7 +42,7 @@ peer::AlignedBuffer<float>& big_buffer(long size) {
   return buffer;
 }
 
-enum class Gemm { kPeer, kEigen, kEigenWhole };
+enum class Gemm { kPeer, kEigen, kEigenWhole, kBf16Dot, kBf16Tiles };
 
 // c += a b over row blocks of `grain` rows, the way the library calls its GEMMs.
 template <typename A, typename B>
@@ -90,11 +91,24 @@ void run_gemm_sub_keys(benchmark::State& state, Gemm kind) {
   const bench::Mat q = bench::random(tiles * tile_rows, half, 3), keys = bench::random(n, half, 4);
   bench::ThreadScope threads(state, state.range(1));
   std::vector<bench::Mat> scores(static_cast<std::size_t>(peer::parallel_threads()), bench::Mat::Zero(tile_rows, n));
+  // kBf16*: the same products in bf16 (SubKeyScoring::kBFloat16Checked's approximate scores, operands
+  // rounded once before timing), on VDPBF16PS alone or on AMX tiles where built in and granted.
+  peer::detail::Bf16Queries bq;
+  peer::detail::Bf16SubKeys bk;
+  if (kind == Gemm::kBf16Dot || kind == Gemm::kBf16Tiles) {
+    peer::detail::pack_bf16_sub_keys<float>(keys, 1, bk);
+    bq.resize(q.rows(), half);
+    for (long i = 0; i < q.rows(); ++i) bq.set_row(i, q.row(i).data(), half);
+    state.SetLabel(kind == Gemm::kBf16Dot ? (peer::bf16_dot_instruction() ? "vdpbf16ps" : "widened to float")
+                                          : (peer::detail::amx_scoring() ? "amx" : "no amx: vdpbf16ps or widened"));
+  }
   for (auto _ : state) {
     peer::parallel_for(tiles, 1, [&](peer::Index t0, peer::Index, int thread) {
       bench::Mat& s = scores[static_cast<std::size_t>(thread)];
       const auto a = q.middleRows(t0 * tile_rows, tile_rows);
-      if (kind == Gemm::kPeer) {
+      if (kind == Gemm::kBf16Dot || kind == Gemm::kBf16Tiles) {
+        peer::detail::bf16_score(bq, t0 * tile_rows, tile_rows, bk, 0, s.data(), n, kind == Gemm::kBf16Tiles);
+      } else if (kind == Gemm::kPeer) {
         peer::detail::gemm(a, keys.transpose(), s, 1.0f, peer::detail::GemmUpdate::kAccumulate);
       } else {
         s.noalias() += a * keys.transpose();
@@ -112,6 +126,8 @@ void run_gemm_sub_keys(benchmark::State& state, Gemm kind) {
 
 void BM_GemmSubKeys_Peer(benchmark::State& state) { run_gemm_sub_keys(state, Gemm::kPeer); }
 void BM_GemmSubKeys_Eigen(benchmark::State& state) { run_gemm_sub_keys(state, Gemm::kEigen); }
+void BM_GemmSubKeys_Bf16Dot(benchmark::State& state) { run_gemm_sub_keys(state, Gemm::kBf16Dot); }
+void BM_GemmSubKeys_Bf16Tiles(benchmark::State& state) { run_gemm_sub_keys(state, Gemm::kBf16Tiles); }
 
 // Random row gather: B tokens x H k rows of [N, 2D], each token's rows summed into its output row (so
 // every load is used), tokens in chunks of 16 as the expert kernels split them; the same fixed ids in
@@ -171,6 +187,8 @@ BENCHMARK(BM_GemmQuery_Eigen)->ArgsProduct({{256, 512}, {1, 2}})->ArgNames({"D",
 BENCHMARK(BM_GemmQuery_EigenWhole)->ArgsProduct({{256, 512}, {1, 2}})->ArgNames({"D", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_GemmSubKeys_Peer)->ArgsProduct({{256, 512}, {1, 2}})->ArgNames({"Dk", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_GemmSubKeys_Eigen)->ArgsProduct({{256, 512}, {1, 2}})->ArgNames({"Dk", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_GemmSubKeys_Bf16Dot)->ArgsProduct({{256, 512}, {1, 2}})->ArgNames({"Dk", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_GemmSubKeys_Bf16Tiles)->ArgsProduct({{256, 512}, {1, 2}})->ArgNames({"Dk", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Gather)->ArgsProduct({{256, 512}, {0, 1}, {1, 2}})->ArgNames({"D", "prefetch", "threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_StreamRead)->ArgsProduct({{1, 2}})->ArgNames({"threads"})->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_MAIN();

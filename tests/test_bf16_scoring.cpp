@@ -1,6 +1,7 @@
-// Sub-key scoring in bf16 with the exact re-check (SubKeyScoring::kBFloat16Checked). Compiled twice: with
-// the project's flags (the widened fallback unless the flags enable AVX512_BF16) and with -mavx512bf16
-// (the VDPBF16PS kernel; skipped on a CPU without it). Oracles: double dots of the unrounded and of the
+// Sub-key scoring in bf16 with the exact re-check (SubKeyScoring::kBFloat16Checked). Compiled three times:
+// with the project's flags (the widened fallback unless the flags enable AVX512_BF16), with -mavx512bf16
+// (the VDPBF16PS kernel; skipped on a CPU without it) and with -mamx-tile -mamx-bf16 as well (AMX tiles
+// where the CPU and kernel have them, VDPBF16PS elsewhere). Oracles: double dots of the unrounded and of the
 // rounded operands for the kernel, and exhaustive retrieval over the re-check scores for the search.
 #include <gtest/gtest.h>
 
@@ -8,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -35,6 +37,19 @@ bool cpu_has_path() {
 #endif
 }
 
+// The CPU has AMX-BF16 and AMX-TILE (CPUID.(7, 0):EDX bits 22, 24) and the kernel enabled the tile state
+// in XCR0 (bits 17, 18; Linux does from 5.16, where it grants the permission on request).
+#if PEER_BF16_AMX
+bool cpu_and_kernel_have_amx() {
+  unsigned a = 7, b = 0, c = 0, d = 0;
+  __asm__("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+  if ((d & (1u << 22)) == 0 || (d & (1u << 24)) == 0) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & (3u << 17)) == (3u << 17);
+}
+#endif
+
 #define PEER_REQUIRE_PATH() \
   if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks AVX512_BF16, which this build uses"
 
@@ -54,7 +69,10 @@ TEST(Bf16Scoring, ApproximateScoresAreWithinTheBound) {
   std::mt19937 gen(3);
   for (int trial = 0; trial < 40; ++trial) {
     const Index d = 1 + static_cast<Index>(gen() % 150), n = 1 + static_cast<Index>(gen() % 90);
-    const Index groups = 1 + static_cast<Index>(gen() % 3), m = 1 + static_cast<Index>(gen() % 11);
+    // Fewer than 16 rows (the dot-instruction kernel alone) and more (AMX tiles, where built in, then the
+    // dot instruction for the rows left over).
+    const Index groups = 1 + static_cast<Index>(gen() % 3);
+    const Index m = trial % 2 == 0 ? 1 + static_cast<Index>(gen() % 11) : 16 + static_cast<Index>(gen() % 56);
     const double key_scale = trial % 5 == 0 ? 1e-39 : 0.1 + static_cast<double>(gen() % 100) / 10.0;
     Mat<float> keys = random_matrix<float>(groups * n, d, static_cast<unsigned>(gen()), key_scale);
     Mat<float> q = random_matrix<float>(m, d, static_cast<unsigned>(gen()), trial % 7 == 0 ? 1e-30 : 3.0);
@@ -67,8 +85,12 @@ TEST(Bf16Scoring, ApproximateScoresAreWithinTheBound) {
     bq.resize(m, d);
     for (Index i = 0; i < m; ++i) bq.set_row(i, q.row(i).data(), d);
     Mat<float> out(m, packed.padded());
-    for (Index g = 0; g < groups; ++g) {
-      pd::bf16_score(bq, 0, m, packed, g, out.data(), out.cols());
+    for (Index pass = 0; pass < groups * 2; ++pass) {
+      // Each group twice: tiles allowed, then the dot instruction alone.
+      const Index g = pass / 2;
+      const bool tiles = pass % 2 == 0;
+      out.setConstant(std::numeric_limits<float>::quiet_NaN());  // every score must be written
+      pd::bf16_score(bq, 0, m, packed, g, out.data(), out.cols(), tiles);
       const double key_norm = packed.max_norm[static_cast<std::size_t>(g)];
       for (Index i = 0; i < m; ++i) {
         const double q_norm = q.row(i).cast<double>().norm();
@@ -82,14 +104,29 @@ TEST(Bf16Scoring, ApproximateScoresAreWithinTheBound) {
             abs_rounded += std::abs(rounded(qc) * rounded(kc));
           }
           const double a = out(i, j);
-          ASSERT_LE(std::abs(a - exact), bound) << "d=" << d << " n=" << n << " g=" << g << " i=" << i << " j=" << j;
+          ASSERT_LE(std::abs(a - exact), bound)
+              << "d=" << d << " n=" << n << " m=" << m << " g=" << g << " i=" << i << " j=" << j << " tiles " << tiles;
           // The kernel sums the rounded products: only float accumulation (and flushed denormals) apart.
           ASSERT_LE(std::abs(a - of_rounded), 2.0 * static_cast<double>(d) * 0x1p-23 * abs_rounded + 0x1p-120 * static_cast<double>(d))
-              << "d=" << d << " j=" << j;
+              << "d=" << d << " m=" << m << " i=" << i << " j=" << j << " tiles " << tiles;
         }
       }
     }
   }
+}
+
+// AMX tiles are used exactly where they are built in and the CPU and kernel have them (else VDPBF16PS).
+TEST(Bf16Scoring, TilesAreUsedWhereTheCpuAndKernelHaveThem) {
+#if PEER_BF16_AMX
+  EXPECT_EQ(pd::amx_scoring(), cpu_and_kernel_have_amx());
+  EXPECT_EQ(pd::bf16_kernel_pairs(1), 16);
+  EXPECT_EQ(pd::bf16_kernel_pairs(32), 16);
+  EXPECT_EQ(pd::bf16_kernel_pairs(33), 32);
+#else
+  EXPECT_FALSE(pd::amx_scoring());
+  EXPECT_EQ(pd::bf16_kernel_pairs(7), 4);
+  EXPECT_EQ(pd::bf16_kernel_pairs(32), 16);
+#endif
 }
 
 TEST(Bf16Scoring, RecheckDotIsOneOrderAtAnyAlignment) {

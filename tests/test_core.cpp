@@ -1,6 +1,8 @@
 // Core pieces against simple oracles: top-k, grouping by key, row-sparse gradients, layouts, GEMM, RNG.
 #include "test_util.hpp"
 
+#include <limits>
+
 namespace {
 
 using namespace peer_test;
@@ -53,6 +55,28 @@ TEST(TopK, TiesGoToTheLowerIndex) {
   std::vector<float> val(7);
   peer::top_k(same.data(), 50, 7, idx.data(), val.data());
   for (int j = 0; j < 7; ++j) EXPECT_EQ(idx[static_cast<std::size_t>(j)], j);
+}
+
+// top_k's first-pass bound: the k-th largest of 32 lane maxima, against a sort (ties, infinities, double).
+template <typename S>
+void expect_kth_largest_of_32() {
+  std::mt19937 gen(4);
+  for (int trial = 0; trial < 400; ++trial) {
+    std::vector<S> m(32);
+    for (auto& x : m) x = trial % 3 == 0 ? static_cast<S>(gen() % 5) : static_cast<S>(std::normal_distribution<double>()(gen));
+    if (trial % 7 == 0) m[gen() % 32] = -std::numeric_limits<S>::infinity();
+    if (trial % 11 == 0) m[gen() % 32] = std::numeric_limits<S>::infinity();
+    if (trial % 13 == 0) std::fill(m.begin(), m.end(), static_cast<S>(-2.5));
+    std::vector<S> sorted = m;
+    std::sort(sorted.begin(), sorted.end(), [](S a, S b) { return a > b; });
+    for (Index k = 1; k <= 32; ++k) {
+      ASSERT_EQ(peer::detail::kth_largest_of_32(m.data(), k), sorted[static_cast<std::size_t>(k - 1)]) << "trial " << trial << " k=" << k;
+    }
+  }
+}
+TEST(TopK, KthLargestOf32MatchesASort) {
+  expect_kth_largest_of_32<float>();
+  expect_kth_largest_of_32<double>();
 }
 
 TEST(GroupByKey, IsAStableSortByKey) {

@@ -29,10 +29,16 @@
 /// whole rows exactly. Search results therefore equal the exhaustive top k over r, bit for bit, which
 /// BruteForceRetrieval checks (it scores with r in this mode).
 ///
-/// Paths: with AVX512_BF16 in the compiler's target (-mavx512bf16, or -march= a CPU that has it) a
-/// VDPBF16PS kernel, 4 queries x 64 sub-keys per step; elsewhere the same rounded operands widened to
-/// float through Eigen's GEMM (correct, within the same bound, but no faster than kExact: the mode pays
-/// only on CPUs with the instruction).
+/// Paths: with AMX-BF16 in the compiler's target as well (-mamx-tile -mamx-bf16, or -march= a CPU that
+/// has it, e.g. sapphirerapids) and the kernel's permission for the tile state (Linux: asked once per
+/// process), TDPBF16PS on 32 queries x 32 sub-keys per step: 16 times VDPBF16PS's multiply-adds per
+/// instruction, where VDPBF16PS alone is no faster than fp32 FMAs (Intel issues it on one port); rows left
+/// over (fewer than 16) and processes refused the permission use VDPBF16PS. With AVX512_BF16 only
+/// (-mavx512bf16) the VDPBF16PS kernel, 4 queries x 64 sub-keys per step (twice an fp32 FMA's work on AMD
+/// Zen 4). Elsewhere the same rounded operands widened to float through Eigen's GEMM (correct, within the
+/// same bound, but no faster than kExact: the mode pays only on CPUs with the instructions). Every path
+/// sums exact products of the same rounded operands in fp32 (in its own order), so the bound covers each,
+/// and retrieval is the same on all of them: the re-check decides, never the approximate scores.
 
 #include <algorithm>
 #include <cmath>
@@ -46,6 +52,16 @@
 #define PEER_BF16_DOT_INSTRUCTION 1
 #else
 #define PEER_BF16_DOT_INSTRUCTION 0
+#endif
+// AMX tiles: compiled in with the compiler's AMX-BF16 target on Linux (the tile state needs the kernel's
+// permission); -DPEER_DISABLE_AMX=1 leaves them out.
+#if PEER_BF16_DOT_INSTRUCTION && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && \
+    !(defined(PEER_DISABLE_AMX) && PEER_DISABLE_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PEER_BF16_AMX 1
+#else
+#define PEER_BF16_AMX 0
 #endif
 
 #include "peer/core/bfloat16.hpp"
@@ -67,6 +83,25 @@ inline const char* to_string(SubKeyScoring s) { return s == SubKeyScoring::kExac
 constexpr bool bf16_dot_instruction() { return PEER_BF16_DOT_INSTRUCTION != 0; }
 
 namespace detail {
+
+/// Whether kBFloat16Checked scores on AMX tiles in this process: compiled in, and Linux granted the tile
+/// data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once, process-wide: every thread may then use
+/// tiles). False on CPUs or kernels without AMX, which then score with VDPBF16PS.
+inline bool amx_scoring() {
+#if PEER_BF16_AMX
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // <asm/prctl.h>, Linux 5.16
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
+/// Pairs of sub-key dimensions the kernels run over for d dimensions: ceil(d / 2), padded with zero pairs
+/// to whole AMX tile rows (16 pairs, 64 bytes) where tiles are compiled in. Zero pairs add exact zeros.
+constexpr Index bf16_kernel_pairs(Index d) { return PEER_BF16_AMX ? (d + 31) / 32 * 16 : (d + 1) / 2; }
 
 /// The most sub-key dimensions (Dk / 2) the bound is kept for: g(d, 2^-23) stays below 2^-8.
 constexpr Index kBf16ScoringMaxHalfDim = Index{1} << 15;
@@ -103,8 +138,9 @@ constexpr double kBf16ScoringMaxProduct = 1e36;
 
 /// One sub-key set in the kernel's layout: `groups` groups of n keys (1, or H with per-head keys), each
 /// padded with zero keys to whole blocks of 16. Instruction path: packed [groups][blocks][pairs][16] of
-/// bf16 pairs (c~[2p] in the low half of each 32-bit lane, c~[2p + 1] in the high half, a zero pad for odd
-/// d). Fallback: the rounded keys widened to float, [groups * n, 2 pairs].
+/// bf16 pairs (c~[2p] in the low half of each 32-bit lane, c~[2p + 1] in the high half, zero pads beyond
+/// d; pairs = bf16_kernel_pairs(d)). A block's 16 pairs from p on are one AMX B tile in its VNNI layout
+/// (16 rows of 64 bytes, stride 64). Fallback: the rounded keys widened to float, [groups * n, 2 pairs].
 struct Bf16SubKeys {
   Index groups = 0, keys = 0, dim = 0, pairs = 0, blocks = 0;
   std::vector<std::uint32_t> packed;
@@ -126,7 +162,7 @@ void pack_bf16_sub_keys(const ConstMatrixRef<Scalar>& keys, Index groups, Bf16Su
   out.groups = groups;
   out.keys = n;
   out.dim = d;
-  out.pairs = (d + 1) / 2;
+  out.pairs = bf16_kernel_pairs(d);
   out.blocks = (n + 15) / 16;
   out.max_norm.assign(static_cast<std::size_t>(groups), 0.0);
   for (Index g = 0; g < groups; ++g) {
@@ -151,8 +187,9 @@ void pack_bf16_sub_keys(const ConstMatrixRef<Scalar>& keys, Index groups, Bf16Su
 #endif
 }
 
-/// Queries in the kernel's layout: m rows of d rounded to bf16 (a zero pad for odd d), which in memory are
-/// the kernel's pairs already (little-endian: element 2p in the low half of 32-bit word p); the fallback
+/// Queries in the kernel's layout: m rows of d rounded to bf16 (zero pads to 2 bf16_kernel_pairs(d)),
+/// which in memory are the kernel's pairs already (little-endian: element 2p in the low half of 32-bit word
+/// p), and 16 rows from a multiple of 16 pairs on are one AMX A tile (stride 4 pairs bytes); the fallback
 /// widens them to float.
 struct Bf16Queries {
   Index rows = 0, pairs = 0;
@@ -161,7 +198,7 @@ struct Bf16Queries {
 
   void resize(Index m, Index d) {
     rows = m;
-    pairs = (d + 1) / 2;
+    pairs = bf16_kernel_pairs(d);
     if (static_cast<Index>(packed.size()) < m * 2 * pairs) packed.resize(static_cast<std::size_t>(m * 2 * pairs));
 #if !PEER_BF16_DOT_INSTRUCTION
     if (widened.rows() < m || widened.cols() != 2 * pairs) widened.resize(m, 2 * pairs);
@@ -172,7 +209,7 @@ struct Bf16Queries {
   void set_row(Index i, const Scalar* q, Index d) {
     bfloat16* row = packed.data() + i * 2 * pairs;
     narrow_row_nearest(q, row, d);
-    if (d % 2 != 0) row[d] = bf16_from_bits(0);
+    std::fill(row + d, row + 2 * pairs, bf16_from_bits(0));
 #if !PEER_BF16_DOT_INSTRUCTION
     widen_row(row, widened.row(i).data(), 2 * pairs);
 #endif
@@ -215,19 +252,92 @@ inline void bf16_score_rows(const bfloat16* a, Index m, Index pairs, const std::
   for (; i + 4 <= m; i += 4) bf16_score_kernel<4, C>(a + 2 * i * pairs, pairs, b, out + i * stride, stride);
   for (; i < m; ++i) bf16_score_kernel<1, C>(a + 2 * i * pairs, pairs, b, out + i * stride, stride);
 }
+
+#if PEER_BF16_AMX
+/// The tile configuration (palette 1): tiles 0-3 accumulate scores C (16 queries x 16 sub-keys, fp32), 4-5
+/// hold queries A (16 rows x 16 pairs), 6-7 sub-keys B (16 pairs x 16 sub-keys, VNNI): all 16 rows of 64 bytes.
+struct alignas(64) AmxTileConfig {
+  std::uint8_t palette = 1, start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// 16 R queries x C blocks of 16 sub-keys (R, C in {1, 2}): C = A B over every pair, 16 pairs per TDPBF16PS
+// (C[i][j] += a[i][2p] b[p][2j] + a[i][2p + 1] b[p][2j + 1]), then stored.
+template <int R, int C>
+inline void amx_score_tile(const bfloat16* a, Index pairs, const std::uint32_t* b, float* out, Index stride) {
+  _tile_zero(0);
+  if constexpr (C > 1) _tile_zero(1);
+  if constexpr (R > 1) _tile_zero(2);
+  if constexpr (R > 1 && C > 1) _tile_zero(3);
+  const Index a_stride = 4 * pairs;  // bytes per query row
+  for (Index p = 0; p < pairs; p += 16) {
+    _tile_loadd(4, a + 2 * p, a_stride);
+    if constexpr (R > 1) _tile_loadd(5, a + 2 * (16 * pairs + p), a_stride);
+    _tile_loadd(6, b + p * 16, 64);
+    if constexpr (C > 1) _tile_loadd(7, b + (pairs + p) * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (C > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (R > 1 && C > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  const Index s = stride * static_cast<Index>(sizeof(float));
+  _tile_stored(0, out, s);
+  if constexpr (C > 1) _tile_stored(1, out + 16, s);
+  if constexpr (R > 1) _tile_stored(2, out + 16 * stride, s);
+  if constexpr (R > 1 && C > 1) _tile_stored(3, out + 16 * stride + 16, s);
+}
+
+template <int R>
+inline void amx_score_blocks(const bfloat16* a, Index pairs, const std::uint32_t* b, Index blocks, float* out,
+                             Index stride) {
+  Index c = 0;
+  for (; c + 2 <= blocks; c += 2) amx_score_tile<R, 2>(a, pairs, b + c * pairs * 16, out + c * 16, stride);
+  if (c < blocks) amx_score_tile<R, 1>(a, pairs, b + c * pairs * 16, out + c * 16, stride);
+}
+
+// The first m - m % 16 query rows on tiles (32 at a time: each B tile serves two A tiles and each A tile two
+// B tiles); returns how many rows it scored. pairs % 16 == 0 (bf16_kernel_pairs).
+inline Index amx_score_rows(const bfloat16* a, Index m, Index pairs, const std::uint32_t* b, Index blocks, float* out,
+                            Index stride) {
+  if (m < 16) return 0;
+  const AmxTileConfig config;
+  _tile_loadconfig(&config);  // per thread: the configuration is thread state
+  Index i = 0;
+  for (; i + 32 <= m; i += 32) amx_score_blocks<2>(a + 2 * i * pairs, pairs, b, blocks, out + i * stride, stride);
+  if (i + 16 <= m) {
+    amx_score_blocks<1>(a + 2 * i * pairs, pairs, b, blocks, out + i * stride, stride);
+    i += 16;
+  }
+  _tile_release();
+  return i;
+}
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 #endif
 
 /// out[i, j] (row stride `stride` >= keys.padded()) = the approximate score of query row i of
-/// q.rows [row0, row0 + m) against sub-key j of group g, for j < keys.padded() (pads score 0).
+/// q.rows [row0, row0 + m) against sub-key j of group g, for j < keys.padded() (pads score 0). `tiles`:
+/// whether AMX may be used where amx_scoring() (false: VDPBF16PS only, for tests and benchmarks).
 inline void bf16_score(const Bf16Queries& q, Index row0, Index m, const Bf16SubKeys& keys, Index g, float* out,
-                       Index stride) {
+                       Index stride, bool tiles = true) {
 #if PEER_BF16_DOT_INSTRUCTION
   const Index pairs = keys.pairs, blocks = keys.blocks;
   const bfloat16* a = q.row(row0);
   const std::uint32_t* b = keys.packed.data() + g * blocks * pairs * 16;
+#if PEER_BF16_AMX
+  if (tiles && amx_scoring()) {
+    const Index done = amx_score_rows(a, m, pairs, b, blocks, out, stride);
+    a += 2 * done * pairs;
+    out += done * stride;
+    m -= done;
+  }
+#else
+  (void)tiles;
+#endif
   // Four blocks (64 sub-keys, pairs * 256 bytes: L1-resident) against every query row, then the next four.
   Index c = 0;
   for (; c + 4 <= blocks; c += 4) bf16_score_rows<4>(a, m, pairs, b + c * pairs * 16, out + c * 16, stride);
@@ -238,6 +348,7 @@ inline void bf16_score(const Bf16Queries& q, Index row0, Index m, const Bf16SubK
     default: break;
   }
 #else
+  (void)tiles;
   MatrixMap<float> c(out, m, keys.keys, Eigen::OuterStride<>(stride));
   gemm(q.widened.middleRows(row0, m), keys.widened.middleRows(g * keys.keys, keys.keys).transpose(), c, 1.0f,
        GemmUpdate::kAssign);
