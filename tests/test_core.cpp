@@ -8,8 +8,9 @@ namespace {
 using namespace peer_test;
 
 // Reference: full sort by (value desc, index asc).
-std::vector<std::pair<float, int>> sorted_reference(const std::vector<float>& v) {
-  std::vector<std::pair<float, int>> all;
+template <typename S>
+std::vector<std::pair<S, int>> sorted_reference(const std::vector<S>& v) {
+  std::vector<std::pair<S, int>> all;
   for (std::size_t i = 0; i < v.size(); ++i) all.push_back({v[i], static_cast<int>(i)});
   std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -31,6 +32,30 @@ TEST(TopK, MatchesFullSortOnRandomData) {
     const auto ref = sorted_reference(v);
     for (Index j = 0; j < k; ++j) {
       ASSERT_EQ(idx[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].second) << "n=" << n << " k=" << k;
+      ASSERT_EQ(val[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].first);
+    }
+  }
+}
+
+// Every path of top_k in double too (the gradient checks' layers), on data shaped to reach each: short
+// inputs (ranked whole), n >= 128 with few survivors (ranked), many equal survivors (the insertion pass),
+// values sorted either way (the lane bound at its tightest and loosest), k > 32 (the buffer).
+TEST(TopK, EveryPathMatchesFullSortInDouble) {
+  std::mt19937 gen(9);
+  for (int trial = 0; trial < 400; ++trial) {
+    const Index n = 1 + static_cast<Index>(gen() % 1100);
+    const Index k = 1 + static_cast<Index>(gen() % std::min<Index>(n, 40));
+    std::vector<double> v(static_cast<std::size_t>(n));
+    std::normal_distribution<double> dist;
+    for (auto& x : v) x = trial % 4 == 1 ? static_cast<double>(gen() % 3) : dist(gen);
+    if (trial % 4 == 2) std::sort(v.begin(), v.end());
+    if (trial % 4 == 3) std::sort(v.rbegin(), v.rend());
+    std::vector<int> idx(static_cast<std::size_t>(k));
+    std::vector<double> val(static_cast<std::size_t>(k));
+    peer::top_k(v.data(), n, k, idx.data(), val.data());
+    const auto ref = sorted_reference(v);
+    for (Index j = 0; j < k; ++j) {
+      ASSERT_EQ(idx[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].second) << "trial " << trial << " n=" << n << " k=" << k;
       ASSERT_EQ(val[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].first);
     }
   }

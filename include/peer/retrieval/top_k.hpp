@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -49,6 +50,33 @@ inline std::uint32_t mask16_at_least(const double* p, double t) {
 #endif
 }
 
+/// Bit j (j < 16) set iff p[j] > t (false for NaN).
+inline std::uint32_t mask16_greater(const float* p, float t) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GT_OQ);
+#elif defined(__AVX2__)
+  const __m256 vt = _mm256_set1_ps(t);
+  const std::uint32_t lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), vt, _CMP_GT_OQ)));
+  const std::uint32_t hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), vt, _CMP_GT_OQ)));
+  return lo | (hi << 8);
+#else
+  std::uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] > t) << j;
+  return m;
+#endif
+}
+inline std::uint32_t mask16_greater(const double* p, double t) {
+#if defined(__AVX512F__)
+  const __m512d vt = _mm512_set1_pd(t);
+  return static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p), vt, _CMP_GT_OQ)) |
+         (static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p + 8), vt, _CMP_GT_OQ)) << 8);
+#else
+  std::uint32_t m = 0;
+  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] > t) << j;
+  return m;
+#endif
+}
+
 /// Index of the lowest set bit of m != 0.
 inline int lowest_bit(std::uint32_t m) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -79,12 +107,81 @@ inline int bit_count(std::uint32_t m) {
 /// compares per element (std::nth_element over the 32 took 6% of a PEER forward on 2026-12-04).
 template <typename Scalar>
 Scalar kth_largest_of_32(const Scalar* m, Index k) {
-  Scalar t = *std::min_element(m, m + 32);  // all 32 are >= the minimum: a valid start
+  using Lanes = Eigen::Array<Scalar, 32, 1>;
+  const Scalar low = Eigen::Map<const Lanes>(m).minCoeff();  // <= the answer: a neutral stand-in
+  Lanes qualified;  // m_i where at least k are >= m_i, else low: independent per i, then one max
   for (int i = 0; i < 32; ++i) {
     const int at_least = bit_count(mask16_at_least(m, m[i])) + bit_count(mask16_at_least(m + 16, m[i]));
-    t = at_least >= k && m[i] > t ? m[i] : t;
+    qualified[i] = at_least >= k ? m[i] : low;
   }
-  return t;
+  return qualified.maxCoeff();
+}
+
+/// The lanes [0, c) of a 16-lane block, for any c (none for c <= 0, all for c >= 16).
+inline std::uint32_t lanes_below(Index c) { return c <= 0 ? 0u : c >= 16 ? 0xFFFFu : (1u << c) - 1u; }
+
+/// The first k (k <= 32, k <= m) of m values by (value descending, position ascending), into out_idx
+/// (idx[position]) and out_val, sorted. Branch-free ranking: rank_i = #{j < i : v_j >= v_i} +
+/// #{j > i : v_j > v_i}, distinct for distinct i, by 16-lane compares (m^2 / 16 of them: for small m).
+/// v and idx have room for whole blocks of 16 (lanes past m are masked off, never read as values).
+template <typename Scalar>
+void select_by_rank(const Scalar* v, const std::int32_t* idx, Index m, Index k, std::int32_t* out_idx, Scalar* out_val) {
+  Scalar val[33];
+  std::int32_t id[33];  // slot k takes every rank >= k
+  const Index blocks = (m + 15) / 16;
+  for (Index i = 0; i < m; ++i) {
+    const Scalar x = v[i];
+    int rank = 0;
+    for (Index b = 0; b < blocks; ++b) {
+      const std::uint32_t before = lanes_below(i - 16 * b), upto = lanes_below(i - 16 * b + 1);
+      const std::uint32_t after = lanes_below(m - 16 * b) & ~upto;
+      rank += bit_count((mask16_at_least(v + 16 * b, x) & before) | (mask16_greater(v + 16 * b, x) & after));
+    }
+    const Index slot = std::min<Index>(rank, k);
+    val[slot] = x;
+    id[slot] = idx[i];
+  }
+  std::copy(val, val + k, out_val);
+  std::copy(id, id + k, out_idx);
+}
+
+/// Appends (values[j], j) for every j < n with values[j] >= t to out_val / out_idx, in index order, while
+/// they fit `capacity` (both have room for capacity + 16); returns how many, or -1 if more would not fit.
+template <typename Scalar>
+Index compress_at_least(const Scalar* values, Index n, Scalar t, Scalar* out_val, std::int32_t* out_idx, Index capacity) {
+  Index count = 0, j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Scalar, float>) {
+    const __m512 vt = _mm512_set1_ps(t);
+    __m512i id = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (; j + 16 <= n; j += 16) {
+      const __m512 x = _mm512_loadu_ps(values + j);
+      const __mmask16 mask = _mm512_cmp_ps_mask(x, vt, _CMP_GE_OQ);
+      _mm512_storeu_ps(out_val + count, _mm512_maskz_compress_ps(mask, x));
+      _mm512_storeu_si512(out_idx + count, _mm512_maskz_compress_epi32(mask, id));
+      count += bit_count(static_cast<std::uint32_t>(mask));
+      if (count > capacity) return -1;
+      id = _mm512_add_epi32(id, step);
+    }
+  }
+#endif
+  for (; j + 16 <= n; j += 16) {
+    for (std::uint32_t mask = mask16_at_least(values + j, t); mask != 0; mask &= mask - 1) {
+      if (count == capacity) return -1;
+      const Index at = j + lowest_bit(mask);
+      out_val[count] = values[at];
+      out_idx[count++] = static_cast<std::int32_t>(at);
+    }
+  }
+  for (; j < n; ++j) {
+    if (values[j] >= t) {
+      if (count == capacity) return -1;
+      out_val[count] = values[j];
+      out_idx[count++] = static_cast<std::int32_t>(j);
+    }
+  }
+  return count;
 }
 
 /// Writes the indices j < n with values[j] >= t to out, ascending, and returns how many. `out` has room for
@@ -165,29 +262,52 @@ class TopKBuffer {
 /// scores into out_values (k slots each). Requires 0 < k <= n and no NaN in values.
 ///
 /// Two passes over the data for k <= 32 and n >= 128: the maxima of 32 interleaved lanes are 32 distinct
-/// elements, so the k-th largest of them, t, is a lower bound of the k-th largest value; the second pass offers only
-/// the values >= t (a few dozen of 1024 on random data) to a sorted buffer, in index order. Values
-/// below t can never be among the k largest, so the result is exact, ties included. Both passes are
-/// vector loops over blocks of 16, the second one compare to a bit mask per block (MACHINE.md measured
-/// this family of methods at about 8x a heap). Other sizes use the buffer over all values.
+/// elements, so the k-th largest of them, t, is a lower bound of the k-th largest value; the second pass
+/// compresses the values >= t (about two dozen of 1024 on random data) with their indices, in index order,
+/// and ranks them branch-free (detail::select_by_rank). Values below t can never be among the k largest,
+/// so the result is exact, ties included. Both passes are vector loops over blocks of 16 (MACHINE.md
+/// measured this family of methods at about 8x a heap). More than 64 survivors (heavy ties) go to a
+/// sorted buffer in index order instead; inputs of at most 64 values are ranked whole; other sizes use
+/// the buffer over all values.
 template <typename Scalar>
 void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Scalar* out_values) {
   PEER_ASSERT(k > 0 && k <= n);
-  constexpr Index kLanes = 32, kBlock = 16;
+  constexpr Index kLanes = 32, kBlock = 16, kRanked = 64;
   using Lanes = Eigen::Array<Scalar, kLanes, 1>;
+  // Survivors of the bound (or all of a short input), ranked branch-free when there are at most kRanked.
+  Scalar kept_val[kRanked + kBlock];
+  std::int32_t kept_idx[kRanked + kBlock];
   TopKBuffer<Scalar> best(k, out_values, out_indices);
   Index start = 0;
-  Scalar t;
-  if (k <= kLanes && n >= 4 * kLanes) {
+  Scalar t{};
+  const bool bounded = k <= kLanes && n >= 4 * kLanes;
+  if (bounded) {
     // Eigen's fixed-size arrays make both passes explicit SIMD (plain loops were left scalar by gcc 12).
     Lanes lane_max = Eigen::Map<const Lanes>(values);
     const Index full = n / kLanes * kLanes;
     for (Index b = kLanes; b < full; b += kLanes) lane_max = lane_max.max(Eigen::Map<const Lanes>(values + b));
     // The lane maxima are kLanes distinct elements, so the k-th largest of them is <= the k-th largest
-    // of all values: a tight bound that leaves a few dozen survivors on random data.
+    // of all values: a tight bound that leaves about two dozen survivors of 1024 on random data.
     static_assert(kLanes == 32, "top_k: the bound is the k-th largest of 32 lane maxima");
     t = detail::kth_largest_of_32(lane_max.data(), k);
-  } else {
+    // The survivors, compressed, then ranked: no data-dependent branch on typical inputs (the sorted
+    // insertions below mispredict on real scores: 4 x the time on the layer's rows than on a benchmark's
+    // repeated rows, 2026-12-04). More than kRanked survivors (heavy ties): the insertion pass.
+    const Index m = detail::compress_at_least(values, n, t, kept_val, kept_idx, kRanked);
+    if (m >= 0) {
+      PEER_ASSERT(m >= k);
+      std::fill(kept_val + m, kept_val + m + kBlock, t);  // the last block's unused lanes: defined, masked off
+      detail::select_by_rank(kept_val, kept_idx, m, k, out_indices, out_values);
+      return;
+    }
+  } else if (k <= kLanes && n <= kRanked) {
+    std::copy(values, values + n, kept_val);
+    std::fill(kept_val + n, kept_val + n + kBlock, values[0]);
+    for (Index j = 0; j < n; ++j) kept_idx[j] = static_cast<std::int32_t>(j);
+    detail::select_by_rank(kept_val, kept_idx, n, k, out_indices, out_values);
+    return;
+  }
+  if (!bounded) {  // else t stays the lane bound
     for (; start < k; ++start) best.push(values[start], static_cast<std::int32_t>(start));
     t = best.threshold();
   }
