@@ -323,7 +323,7 @@ class ProductKeyRetrieval {
         if (tile.approx.rows() < tile_rows || tile.approx.cols() != padded) tile.approx.resize(tile_rows, padded);
         tile.query_norm.reserve(static_cast<std::size_t>(tile_rows));
         tile.candidates.resize(static_cast<std::size_t>(n + 16));
-        tile.candidate_rank.reserve(static_cast<std::size_t>(n));
+        tile.candidate_rank.reserve(ka);  // ids of the approximate top k' + 1 (only its last value, tau, is used)
         tile.candidate_val.reserve(static_cast<std::size_t>(n));
         tile.approx_top.reserve(ka);
         tile.checked_idx.reserve(static_cast<std::size_t>(tile_rows) * 2 * ka);
