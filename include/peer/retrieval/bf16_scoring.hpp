@@ -86,7 +86,10 @@ namespace detail {
 
 /// Whether kBFloat16Checked scores on AMX tiles in this process: compiled in, and Linux granted the tile
 /// data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once, process-wide: every thread may then use
-/// tiles). False on CPUs or kernels without AMX, which then score with VDPBF16PS.
+/// tiles). False on CPUs or kernels without AMX, which then score with VDPBF16PS. Asked only by the first
+/// bf16-checked scoring, never in kExact. Once granted, Linux sizes signal frames for the tile state: an
+/// alternate signal stack (sigaltstack) must then hold it (8 KiB of tile data more), or the kernel refuses to
+/// install it; a program with small alternate stacks builds with -DPEER_DISABLE_AMX=1.
 inline bool amx_scoring() {
 #if PEER_BF16_AMX
   static const bool granted = [] {
