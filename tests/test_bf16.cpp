@@ -38,6 +38,17 @@ bool cpu_has_path() {
 #define PEER_REQUIRE_PATH() \
   if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses"
 
+// Every test of the binary needs its instructions: skipped as a whole on a CPU without them, before any
+// test runs (a test without PEER_REQUIRE_PATH died of SIGILL on an AVX2-only CPU, QEMU's -cpu max).
+class RequirePathEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses";
+  }
+};
+[[maybe_unused]] const ::testing::Environment* const kRequirePath =
+    ::testing::AddGlobalTestEnvironment(new RequirePathEnvironment);
+
 // The definitions, written as plainly as possible (the oracle of every path).
 std::uint16_t ref_nearest(std::uint32_t b) {
   if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>(((b >> 16) & 0x8000u) | 0x7fc0u);
