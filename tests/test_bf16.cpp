@@ -4,6 +4,8 @@
 // bit (conversions) or to float rounding (dot, axpy). Vector builds skip on a CPU without the instructions.
 #include <gtest/gtest.h>
 
+#include "cpu_guard.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,17 +39,9 @@ bool cpu_has_path() {
 
 #define PEER_REQUIRE_PATH() \
   if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses"
-
-// Every test of the binary needs its instructions: skipped as a whole on a CPU without them, before any
-// test runs (a test without PEER_REQUIRE_PATH died of SIGILL on an AVX2-only CPU, QEMU's -cpu max).
-class RequirePathEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override {
-    if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses";
-  }
-};
+// Every test of the binary needs its instructions (tests/cpu_guard.hpp).
 [[maybe_unused]] const ::testing::Environment* const kRequirePath =
-    ::testing::AddGlobalTestEnvironment(new RequirePathEnvironment);
+    peer_test::skip_all_tests_unless(cpu_has_path, "this CPU lacks the instructions this build uses");
 
 // The definitions, written as plainly as possible (the oracle of every path).
 std::uint16_t ref_nearest(std::uint32_t b) {

@@ -5,6 +5,8 @@
 // rounded operands for the kernel, and exhaustive retrieval over the re-check scores for the search.
 #include <gtest/gtest.h>
 
+#include "cpu_guard.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -52,17 +54,9 @@ bool cpu_and_kernel_have_amx() {
 
 #define PEER_REQUIRE_PATH() \
   if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks AVX512_BF16, which this build uses"
-
-// Every test of the binary needs its instructions: skipped as a whole on a CPU without them, before any
-// test runs (a test without PEER_REQUIRE_PATH died of SIGILL on an AVX2-only CPU, QEMU's -cpu max).
-class RequirePathEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override {
-    if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks AVX512_BF16, which this build uses";
-  }
-};
+// Every test of the binary needs its instructions (tests/cpu_guard.hpp).
 [[maybe_unused]] const ::testing::Environment* const kRequirePath =
-    ::testing::AddGlobalTestEnvironment(new RequirePathEnvironment);
+    peer_test::skip_all_tests_unless(cpu_has_path, "this CPU lacks AVX512_BF16, which this build uses");
 
 template <typename S>
 Mat<S> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.0) {

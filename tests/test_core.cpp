@@ -18,6 +18,19 @@ std::vector<std::pair<S, int>> sorted_reference(const std::vector<S>& v) {
   return all;
 }
 
+// peer::top_k(v, k) against the first k of the full sort: ids and values.
+template <typename S>
+void expect_top_k_equals_sort(const std::vector<S>& v, Index k, const std::string& label) {
+  std::vector<int> idx(static_cast<std::size_t>(k));
+  std::vector<S> val(static_cast<std::size_t>(k));
+  peer::top_k(v.data(), static_cast<Index>(v.size()), k, idx.data(), val.data());
+  const auto ref = sorted_reference(v);
+  for (Index j = 0; j < k; ++j) {
+    ASSERT_EQ(idx[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].second) << label << " j=" << j;
+    ASSERT_EQ(val[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].first) << label << " j=" << j;
+  }
+}
+
 TEST(TopK, MatchesFullSortOnRandomData) {
   std::mt19937 gen(1);
   for (int trial = 0; trial < 300; ++trial) {
@@ -26,14 +39,7 @@ TEST(TopK, MatchesFullSortOnRandomData) {
     std::vector<float> v(static_cast<std::size_t>(n));
     std::normal_distribution<float> dist;
     for (auto& x : v) x = dist(gen);
-    std::vector<int> idx(static_cast<std::size_t>(k));
-    std::vector<float> val(static_cast<std::size_t>(k));
-    peer::top_k(v.data(), n, k, idx.data(), val.data());
-    const auto ref = sorted_reference(v);
-    for (Index j = 0; j < k; ++j) {
-      ASSERT_EQ(idx[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].second) << "n=" << n << " k=" << k;
-      ASSERT_EQ(val[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].first);
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_top_k_equals_sort(v, k, "n=" + std::to_string(n) + " k=" + std::to_string(k)));
   }
 }
 
@@ -50,14 +56,8 @@ TEST(TopK, EveryPathMatchesFullSortInDouble) {
     for (auto& x : v) x = trial % 4 == 1 ? static_cast<double>(gen() % 3) : dist(gen);
     if (trial % 4 == 2) std::sort(v.begin(), v.end());
     if (trial % 4 == 3) std::sort(v.rbegin(), v.rend());
-    std::vector<int> idx(static_cast<std::size_t>(k));
-    std::vector<double> val(static_cast<std::size_t>(k));
-    peer::top_k(v.data(), n, k, idx.data(), val.data());
-    const auto ref = sorted_reference(v);
-    for (Index j = 0; j < k; ++j) {
-      ASSERT_EQ(idx[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].second) << "trial " << trial << " n=" << n << " k=" << k;
-      ASSERT_EQ(val[static_cast<std::size_t>(j)], ref[static_cast<std::size_t>(j)].first);
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_top_k_equals_sort(
+        v, k, "trial " + std::to_string(trial) + " n=" + std::to_string(n) + " k=" + std::to_string(k)));
   }
 }
 

@@ -23,59 +23,45 @@ namespace peer {
 
 namespace detail {
 
-/// Bit j (j < 16) set iff p[j] >= t (false for NaN): one vector compare where the CPU has one.
-inline std::uint32_t mask16_at_least(const float* p, float t) {
+/// Bit j (j < 16) set iff p[j] > t (Strict) or p[j] >= t (false for NaN): one vector compare where the
+/// CPU has one.
+template <bool Strict>
+inline std::uint32_t mask16_compare(const float* p, float t) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr int kPredicate = Strict ? _CMP_GT_OQ : _CMP_GE_OQ;
+#endif
 #if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GE_OQ);
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), kPredicate);
 #elif defined(__AVX2__)
   const __m256 vt = _mm256_set1_ps(t);
-  const std::uint32_t lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), vt, _CMP_GE_OQ)));
-  const std::uint32_t hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), vt, _CMP_GE_OQ)));
+  const std::uint32_t lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), vt, kPredicate)));
+  const std::uint32_t hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), vt, kPredicate)));
   return lo | (hi << 8);
 #else
   std::uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] >= t) << j;
+  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(Strict ? p[j] > t : p[j] >= t) << j;
   return m;
 #endif
 }
-inline std::uint32_t mask16_at_least(const double* p, double t) {
+template <bool Strict>
+inline std::uint32_t mask16_compare(const double* p, double t) {
 #if defined(__AVX512F__)
+  constexpr int kPredicate = Strict ? _CMP_GT_OQ : _CMP_GE_OQ;
   const __m512d vt = _mm512_set1_pd(t);
-  return static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p), vt, _CMP_GE_OQ)) |
-         (static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p + 8), vt, _CMP_GE_OQ)) << 8);
+  return static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p), vt, kPredicate)) |
+         (static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p + 8), vt, kPredicate)) << 8);
 #else
   std::uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] >= t) << j;
+  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(Strict ? p[j] > t : p[j] >= t) << j;
   return m;
 #endif
 }
-
-/// Bit j (j < 16) set iff p[j] > t (false for NaN).
-inline std::uint32_t mask16_greater(const float* p, float t) {
-#if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GT_OQ);
-#elif defined(__AVX2__)
-  const __m256 vt = _mm256_set1_ps(t);
-  const std::uint32_t lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), vt, _CMP_GT_OQ)));
-  const std::uint32_t hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), vt, _CMP_GT_OQ)));
-  return lo | (hi << 8);
-#else
-  std::uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] > t) << j;
-  return m;
-#endif
-}
-inline std::uint32_t mask16_greater(const double* p, double t) {
-#if defined(__AVX512F__)
-  const __m512d vt = _mm512_set1_pd(t);
-  return static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p), vt, _CMP_GT_OQ)) |
-         (static_cast<std::uint32_t>(_mm512_cmp_pd_mask(_mm512_loadu_pd(p + 8), vt, _CMP_GT_OQ)) << 8);
-#else
-  std::uint32_t m = 0;
-  for (int j = 0; j < 16; ++j) m |= static_cast<std::uint32_t>(p[j] > t) << j;
-  return m;
-#endif
-}
+/// Bit j set iff p[j] >= t.
+template <typename Scalar>
+inline std::uint32_t mask16_at_least(const Scalar* p, Scalar t) { return mask16_compare<false>(p, t); }
+/// Bit j set iff p[j] > t.
+template <typename Scalar>
+inline std::uint32_t mask16_greater(const Scalar* p, Scalar t) { return mask16_compare<true>(p, t); }
 
 /// Index of the lowest set bit of m != 0.
 inline int lowest_bit(std::uint32_t m) {
@@ -291,8 +277,8 @@ void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Sc
     static_assert(kLanes == 32, "top_k: the bound is the k-th largest of 32 lane maxima");
     t = detail::kth_largest_of_32(lane_max.data(), k);
     // The survivors, compressed, then ranked: no data-dependent branch on typical inputs (the sorted
-    // insertions below mispredict on real scores: 4 x the time on the layer's rows than on a benchmark's
-    // repeated rows, 2026-12-04). More than kRanked survivors (heavy ties): the insertion pass.
+    // insertions below mispredict on real scores, far more than on a benchmark's few repeated rows, which
+    // train the branch predictor). More than kRanked survivors (heavy ties): the insertion pass.
     const Index m = detail::compress_at_least(values, n, t, kept_val, kept_idx, kRanked);
     if (m >= 0) {
       PEER_ASSERT(m >= k);
