@@ -211,8 +211,6 @@ void BM_ExpertBackward_Naive(benchmark::State& state) {
 
 // ---- Top-k ------------------------------------------------------------------------------------------
 
-constexpr long kTopKRows = 64;
-
 struct Pair {
   float value;
   std::int32_t index;
@@ -224,9 +222,10 @@ inline bool ranks_before(const Pair& a, const Pair& b) {
 
 enum class Select { kPeer, kPartialSort, kNthElement };
 
-// args: n, k
+// args: n, k, rows. 64 rows repeat often enough to train the branch predictor (which favours methods with
+// data-dependent branches); 4096 distinct rows are what the layer's retrieval sees (2 (H B / tile) per tile).
 void run_top_k(benchmark::State& state, Select method) {
-  const long n = state.range(0), k = state.range(1);
+  const long n = state.range(0), k = state.range(1), kTopKRows = state.range(2);
   const bench::Mat values = bench::random(kTopKRows, n, 6);
   std::vector<std::int32_t> ids(static_cast<std::size_t>(k));
   std::vector<float> out(static_cast<std::size_t>(k));
@@ -281,8 +280,34 @@ void BM_TopK_PartialSort(benchmark::State& state) { run_top_k(state, Select::kPa
 void BM_TopK_NthElement(benchmark::State& state) { run_top_k(state, Select::kNthElement); }
 
 void top_k_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"n", "k"})->Args({1024, 16})->Args({1024, 32})->Args({2048, 16})->Args({2048, 32});
+  b->ArgNames({"n", "k", "rows"})->ArgsProduct({{1024, 2048}, {16, 32}, {64, 4096}});
   b->Unit(benchmark::kMicrosecond);
+}
+
+// ---- bf16 row write-back -----------------------------------------------------------------------------
+
+// Rows of 512 floats narrowed to bf16, round-to-nearest (rounding 0) or stochastic (1), 256 rows (512 KiB
+// in, 256 KiB out: in L2, so the rounding's arithmetic is what is measured). args: rounding.
+void BM_Bf16NarrowRows(benchmark::State& state) {
+  constexpr long kRows = 256, kCols = 512;
+  const bool stochastic = state.range(0) == 1;
+  state.SetLabel(stochastic ? "stochastic" : "nearest");
+  const bench::Mat in = bench::random(kRows, kCols, 8);
+  std::vector<peer::bfloat16> out(static_cast<std::size_t>(kRows * kCols));
+  for (auto _ : state) {
+    for (long r = 0; r < kRows; ++r) {
+      peer::bfloat16* row = out.data() + r * kCols;
+      if (stochastic) {
+        peer::detail::narrow_row_stochastic(in.row(r).data(), row, kCols, peer::detail::RoundingStream{static_cast<std::uint32_t>(r * 2654435761u)});
+      } else {
+        peer::detail::narrow_row_nearest(in.row(r).data(), row, kCols);
+      }
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  bench::set_rate(state, "elements/s", static_cast<double>(kRows * kCols));
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(kRows * kCols) * 6.0 * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void expert_args(benchmark::internal::Benchmark* b) {
@@ -299,4 +324,5 @@ BENCHMARK(BM_ExpertBackward_Naive)->Apply(expert_args);
 BENCHMARK(BM_TopK_Peer)->Apply(top_k_args);
 BENCHMARK(BM_TopK_PartialSort)->Apply(top_k_args);
 BENCHMARK(BM_TopK_NthElement)->Apply(top_k_args);
+BENCHMARK(BM_Bf16NarrowRows)->ArgName("rounding")->Arg(0)->Arg(1);
 BENCHMARK_MAIN();

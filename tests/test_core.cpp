@@ -104,6 +104,29 @@ TEST(TopK, KthLargestOf32MatchesASort) {
   expect_kth_largest_of_32<double>();
 }
 
+TEST(TopK, LaneBoundIsTheKthLaneMaximumAndBoundsTheKthLargest) {
+  // The oracle: the maxima of the 32 interleaved lanes over the whole blocks of 32 by a naive loop, sorted;
+  // the bound must be their k-th largest, and at most the k-th largest of all values.
+  std::mt19937 gen(17);
+  for (int trial = 0; trial < 200; ++trial) {
+    const Index n = 128 + static_cast<Index>(gen() % 2000), k = 1 + static_cast<Index>(gen() % 32);
+    std::vector<float> v(static_cast<std::size_t>(n));
+    const int levels = trial % 3 == 0 ? 4 : 1 << 20;  // heavy ties in every third trial
+    for (auto& x : v) x = static_cast<float>(static_cast<int>(gen() % static_cast<unsigned>(levels)) - levels / 2);
+    ASSERT_TRUE(peer::detail::has_lane_bound(n, k));
+    std::vector<float> lane_max(32, -std::numeric_limits<float>::infinity());
+    for (Index i = 0; i < n / 32 * 32; ++i) lane_max[static_cast<std::size_t>(i % 32)] = std::max(lane_max[static_cast<std::size_t>(i % 32)], v[static_cast<std::size_t>(i)]);
+    std::sort(lane_max.begin(), lane_max.end(), std::greater<float>());
+    const float bound = peer::detail::lane_bound(v.data(), n, k);
+    EXPECT_EQ(bound, lane_max[static_cast<std::size_t>(k - 1)]) << "n " << n << " k " << k;
+    std::vector<float> sorted = v;
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    EXPECT_LE(bound, sorted[static_cast<std::size_t>(k - 1)]) << "n " << n << " k " << k;
+  }
+  EXPECT_FALSE(peer::detail::has_lane_bound(127, 16));
+  EXPECT_FALSE(peer::detail::has_lane_bound(1024, 33));
+}
+
 TEST(GroupByKey, IsAStableSortByKey) {
   std::mt19937 gen(3);
   for (std::int64_t limit : {1LL, 7LL, 2048LL, 5000LL, 1LL << 22, (1LL << 31) - 1}) {

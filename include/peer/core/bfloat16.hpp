@@ -81,11 +81,13 @@ inline bfloat16 narrow_bf16_stochastic(float x, std::uint32_t r16) {
   return bf16_from_bits(static_cast<std::uint16_t>((b + r16) >> 16));
 }
 
-/// The random stream of one row's stochastic rounding: element j draws
-///   r_j = hash32(key + j * 0x9e3779b9) >> 16,
+/// The random stream of one row's stochastic rounding: columns 2i and 2i + 1 share one hash,
+///   h_i = hash32(key + i * 0x9e3779b9),   r_{2i} = h_i >> 16,   r_{2i+1} = h_i & 0xffff,
 /// hash32 being a 32-bit integer finalizer with good avalanche (two multiply-xorshift rounds) that the
-/// vector paths compute in 8 or 16 lanes. `key` is 32 bits of a SplitMix64 mix of (seed, tensor, step, row)
-/// made by the caller (RowRounding::key_of in the table update), so rows and steps draw independent streams.
+/// vector paths compute in 8 or 16 lanes. One hash feeds two 16-bit draws: the multiplies were most of a
+/// bf16 row update's arithmetic (docs/benchmarks.md). `key` is 32 bits of a SplitMix64 mix of (seed,
+/// tensor, step, row) made by the caller (TableRowWriter::stream), so rows and steps draw independent
+/// streams.
 struct RoundingStream {
   std::uint32_t key = 0;
 };
@@ -98,8 +100,11 @@ inline std::uint32_t hash32(std::uint32_t x) {
   x ^= x >> 16;
   return x;
 }
-/// Element j's 16 random bits of a row's stream.
-inline std::uint32_t rounding_bits(RoundingStream s, std::uint32_t j) { return hash32(s.key + j * 0x9e3779b9u) >> 16; }
+/// Column j's 16 random bits of a row's stream.
+inline std::uint32_t rounding_bits(RoundingStream s, std::uint32_t j) {
+  const std::uint32_t h = hash32(s.key + (j >> 1) * 0x9e3779b9u);
+  return (j & 1u) ? (h & 0xffffu) : (h >> 16);
+}
 
 // GCC 12's AVX-512 intrinsic headers start from _mm512_undefined_*() values, which its -O2 flow analysis
 // reports as maybe-uninitialized once inlined here (GCC bug 105593); the warning is false and is silenced
@@ -130,6 +135,13 @@ inline __m512i hash16(__m512i x) {
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
+// The draws of 16 columns from 16 pair hashes h (pair i in lane i): columns 2i and 2i + 1 of the pairs
+// [8 half, 8 half + 8) take the high and the low 16 bits of h_i.
+inline __m512i pair_bits16(__m512i h, int half) {
+  const __m512i pair = _mm512_add_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), _mm512_set1_epi32(8 * half));
+  const __m512i shift = _mm512_setr_epi32(16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0);
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pair, h), shift), _mm512_set1_epi32(0xffff));
+}
 #elif defined(__AVX2__)
 inline __m256 widen8(const bfloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -155,6 +167,12 @@ inline __m256i hash8(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bu)));
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+// The draws of 8 columns from 8 pair hashes h: columns 2i and 2i + 1 of the pairs [4 half, 4 half + 4).
+inline __m256i pair_bits8(__m256i h, int half) {
+  const __m256i pair = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_set1_epi32(4 * half));
+  const __m256i shift = _mm256_setr_epi32(16, 0, 16, 0, 16, 0, 16, 0);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(h, pair), shift), _mm256_set1_epi32(0xffff));
 }
 #endif
 
@@ -201,24 +219,35 @@ inline void narrow_row_nearest(const double* in, bfloat16* out, Index n) {
 /// out[0, n) = stochastic(in[0, n)) with element j of the row drawing from `stream` at column first + j.
 inline void narrow_row_stochastic(const float* in, bfloat16* out, Index n, RoundingStream stream, std::uint32_t first = 0) {
   Index j = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // The vector blocks start at even columns, so that each hash lane serves one whole pair.
+  if (n > 0 && (first & 1u)) {
+    out[0] = narrow_bf16_stochastic(in[0], rounding_bits(stream, first));
+    j = 1;
+  }
+#endif
 #if defined(__AVX512F__)
   const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)));
-  for (; j + 16 <= n; j += 16) {
-    const std::uint32_t base = stream.key + (first + static_cast<std::uint32_t>(j)) * 0x9e3779b9u;
-    const __m512i r = _mm512_srli_epi32(hash16(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane)), 16);
-    const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(in + j));
-    narrow16_store(b, _mm512_add_epi32(b, r), out + j);
+  // 16 hashes serve 32 columns, or the last 16.
+  for (; j + 16 <= n;) {
+    const std::uint32_t base = stream.key + ((first + static_cast<std::uint32_t>(j)) >> 1) * 0x9e3779b9u;
+    const __m512i h = hash16(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane));
+    for (int half = 0; half < 2 && j + 16 <= n; ++half, j += 16) {
+      const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(in + j));
+      narrow16_store(b, _mm512_add_epi32(b, pair_bits16(h, half)), out + j);
+    }
   }
 #elif defined(__AVX2__)
   const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(0x9e3779b9u)));
+  // 8 hashes serve 16 columns.
   for (; j + 16 <= n; j += 16) {
+    const std::uint32_t base = stream.key + ((first + static_cast<std::uint32_t>(j)) >> 1) * 0x9e3779b9u;
+    const __m256i h = hash8(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lane));
     __m256i res[2];
-    for (int h = 0; h < 2; ++h) {
-      const std::uint32_t base = stream.key + (first + static_cast<std::uint32_t>(j + 8 * h)) * 0x9e3779b9u;
-      const __m256i r = _mm256_srli_epi32(hash8(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lane)), 16);
-      const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(in + j + 8 * h));
-      res[h] = narrow8(b, _mm256_add_epi32(b, r));
+    for (int half = 0; half < 2; ++half) {
+      const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(in + j + 8 * half));
+      res[half] = narrow8(b, _mm256_add_epi32(b, pair_bits8(h, half)));
     }
     store16(res[0], res[1], out + j);
   }

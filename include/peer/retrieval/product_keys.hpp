@@ -323,7 +323,7 @@ class ProductKeyRetrieval {
         if (tile.approx.rows() < tile_rows || tile.approx.cols() != padded) tile.approx.resize(tile_rows, padded);
         tile.query_norm.reserve(static_cast<std::size_t>(tile_rows));
         tile.candidates.resize(static_cast<std::size_t>(n + 16));
-        tile.candidate_rank.reserve(ka);  // ids of the approximate top k' + 1 (only its last value, tau, is used)
+        tile.candidate_rank.reserve(ka);  // ids of the approximate top k' + 1 where the lane bound does not apply (only its last value, tau, is used)
         tile.candidate_val.reserve(static_cast<std::size_t>(n));
         tile.approx_top.reserve(ka);
         tile.checked_idx.reserve(static_cast<std::size_t>(tile_rows) * 2 * ka);
@@ -533,8 +533,12 @@ class ProductKeyRetrieval {
           const Scalar* q = queries.row(t).data() + (h * dk + side * half);
           const float* a = tile.approx.row(r).data();
           const double q_norm = tile.query_norm[static_cast<std::size_t>(r)];
-          // Candidates: every j with a_j >= tau - 2E (all of them when a rounded operand or a score could
-          // overflow: then a bf16 value may be infinite, and inf * 0 is NaN).
+          // Candidates: every j with a_j >= L - 2E, for any L <= the (k' + 1)-th largest approximate score
+          // (all of them when a rounded operand or a score could overflow: then a bf16 value may be
+          // infinite, and inf * 0 is NaN). At least k' + 1 of the a_j are >= L, so their exact scores are
+          // >= L - E, and so is the (k' + 1)-th largest exact score s*; a j of the exact top k' + 1 has
+          // s_j >= s* and a_j >= s_j - E >= L - 2E. L is the lane bound (detail::lane_bound, one pass; a
+          // few more candidates than the exact tau) where it applies, else tau itself.
           // tile.candidates keeps n + 16 slots (the vector scan stores whole blocks); the first m are used.
           std::int32_t* cand = tile.candidates.data();
           Index m = 0;
@@ -542,12 +546,18 @@ class ProductKeyRetrieval {
           if (!(q_norm <= limit && key_norm <= limit && q_norm * key_norm <= limit)) {
             for (Index j = 0; j < n; ++j) cand[m++] = static_cast<std::int32_t>(j);
           } else {
-            peer::top_k(a, n, ka, tile.candidate_rank.data(), tile.approx_top.data());
+            float lower;
+            if (detail::has_lane_bound(n, ka)) {
+              lower = detail::lane_bound(a, n, ka);
+            } else {
+              peer::top_k(a, n, ka, tile.candidate_rank.data(), tile.approx_top.data());
+              lower = tile.approx_top[static_cast<std::size_t>(ka - 1)];
+            }
             const double bound = detail::bf16_score_bound(q_norm, key_norm, half, roundoff);
-            const double floor = static_cast<double>(tile.approx_top[static_cast<std::size_t>(ka - 1)]) - 2.0 * bound;
+            const double floor = static_cast<double>(lower) - 2.0 * bound;
             float theta = static_cast<float>(floor);
             if (static_cast<double>(theta) > floor) theta = std::nextafter(theta, -std::numeric_limits<float>::infinity());
-            m = detail::indices_at_least(a, n, theta, cand);
+            m = detail::compress_at_least<float>(a, n, theta, nullptr, cand, n);
           }
           tile.candidate_val.resize(static_cast<std::size_t>(m));
           const Index base = g * n;

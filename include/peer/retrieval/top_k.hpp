@@ -103,6 +103,25 @@ Scalar kth_largest_of_32(const Scalar* m, Index k) {
   return qualified.maxCoeff();
 }
 
+/// Whether lane_bound applies: k <= 32 and n >= 128 (four values per lane at least).
+inline bool has_lane_bound(Index n, Index k) { return k > 0 && k <= 32 && n >= 128; }
+
+/// A lower bound of the k-th largest of values[0, n) (has_lane_bound(n, k), no NaN): the maxima of 32
+/// interleaved lanes are 32 distinct elements, so their k-th largest t has at least k values >= t. One
+/// vector pass and a branch-free selection; tight on random data (about two dozen of 1024 values are >= t
+/// for k = 16).
+template <typename Scalar>
+Scalar lane_bound(const Scalar* values, Index n, Index k) {
+  PEER_ASSERT(has_lane_bound(n, k));
+  constexpr Index kLanes = 32;
+  using Lanes = Eigen::Array<Scalar, kLanes, 1>;
+  // Eigen's fixed-size arrays make the pass explicit SIMD (a plain loop was left scalar by gcc 12).
+  Lanes lane_max = Eigen::Map<const Lanes>(values);
+  const Index full = n / kLanes * kLanes;
+  for (Index b = kLanes; b < full; b += kLanes) lane_max = lane_max.max(Eigen::Map<const Lanes>(values + b));
+  return kth_largest_of_32(lane_max.data(), k);
+}
+
 /// The lanes [0, c) of a 16-lane block, for any c (none for c <= 0, all for c >= 16).
 inline std::uint32_t lanes_below(Index c) { return c <= 0 ? 0u : c >= 16 ? 0xFFFFu : (1u << c) - 1u; }
 
@@ -131,8 +150,11 @@ void select_by_rank(const Scalar* v, const std::int32_t* idx, Index m, Index k, 
   std::copy(id, id + k, out_idx);
 }
 
-/// Appends (values[j], j) for every j < n with values[j] >= t to out_val / out_idx, in index order, while
-/// they fit `capacity` (both have room for capacity + 16); returns how many, or -1 if more would not fit.
+/// Appends j, and values[j] unless out_val is null, for every j < n with values[j] >= t to out_idx /
+/// out_val, in index order, while they fit `capacity` (both have room for capacity + 16: the vector path
+/// stores whole blocks of 16 lanes and advances by the survivors); returns how many, or -1 if more would
+/// not fit (never with capacity >= n). Branch-free per block with AVX-512 (a compare, register compresses
+/// (the memory form is microcoded and slow on some CPUs), stores); the portable path walks each block's mask.
 template <typename Scalar>
 Index compress_at_least(const Scalar* values, Index n, Scalar t, Scalar* out_val, std::int32_t* out_idx, Index capacity) {
   Index count = 0, j = 0;
@@ -144,7 +166,7 @@ Index compress_at_least(const Scalar* values, Index n, Scalar t, Scalar* out_val
     for (; j + 16 <= n; j += 16) {
       const __m512 x = _mm512_loadu_ps(values + j);
       const __mmask16 mask = _mm512_cmp_ps_mask(x, vt, _CMP_GE_OQ);
-      _mm512_storeu_ps(out_val + count, _mm512_maskz_compress_ps(mask, x));
+      if (out_val != nullptr) _mm512_storeu_ps(out_val + count, _mm512_maskz_compress_ps(mask, x));
       _mm512_storeu_si512(out_idx + count, _mm512_maskz_compress_epi32(mask, id));
       count += bit_count(static_cast<std::uint32_t>(mask));
       if (count > capacity) return -1;
@@ -152,49 +174,21 @@ Index compress_at_least(const Scalar* values, Index n, Scalar t, Scalar* out_val
     }
   }
 #endif
+  auto append = [&](Index at) {
+    if (out_val != nullptr) out_val[count] = values[at];
+    out_idx[count++] = static_cast<std::int32_t>(at);
+  };
   for (; j + 16 <= n; j += 16) {
     for (std::uint32_t mask = mask16_at_least(values + j, t); mask != 0; mask &= mask - 1) {
       if (count == capacity) return -1;
-      const Index at = j + lowest_bit(mask);
-      out_val[count] = values[at];
-      out_idx[count++] = static_cast<std::int32_t>(at);
+      append(j + lowest_bit(mask));
     }
   }
   for (; j < n; ++j) {
     if (values[j] >= t) {
       if (count == capacity) return -1;
-      out_val[count] = values[j];
-      out_idx[count++] = static_cast<std::int32_t>(j);
+      append(j);
     }
-  }
-  return count;
-}
-
-/// Writes the indices j < n with values[j] >= t to out, ascending, and returns how many. `out` has room for
-/// n + 16 (the vector path stores whole blocks of 16 lanes and advances by the survivors). Branch-free per
-/// block with AVX-512 (a compare, a register compress, a store); the portable path walks each block's mask.
-inline Index indices_at_least(const float* values, Index n, float t, std::int32_t* out) {
-  Index count = 0, j = 0;
-#if defined(__AVX512F__)
-  const __m512 vt = _mm512_set1_ps(t);
-  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i step = _mm512_set1_epi32(16);
-  for (; j + 16 <= n; j += 16) {
-    const __mmask16 mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(values + j), vt, _CMP_GE_OQ);
-    // The register form of the compress (the memory form is microcoded and slow on some CPUs).
-    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi32(mask, idx));
-    count += bit_count(static_cast<std::uint32_t>(mask));
-    idx = _mm512_add_epi32(idx, step);
-  }
-#else
-  for (; j + 16 <= n; j += 16) {
-    for (std::uint32_t mask = mask16_at_least(values + j, t); mask != 0; mask &= mask - 1) {
-      out[count++] = static_cast<std::int32_t>(j + lowest_bit(mask));
-    }
-  }
-#endif
-  for (; j < n; ++j) {
-    if (values[j] >= t) out[count++] = static_cast<std::int32_t>(j);
   }
   return count;
 }
@@ -259,23 +253,15 @@ template <typename Scalar>
 void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Scalar* out_values) {
   PEER_ASSERT(k > 0 && k <= n);
   constexpr Index kLanes = 32, kBlock = 16, kRanked = 64;
-  using Lanes = Eigen::Array<Scalar, kLanes, 1>;
   // Survivors of the bound (or all of a short input), ranked branch-free when there are at most kRanked.
   Scalar kept_val[kRanked + kBlock];
   std::int32_t kept_idx[kRanked + kBlock];
   TopKBuffer<Scalar> best(k, out_values, out_indices);
   Index start = 0;
   Scalar t{};
-  const bool bounded = k <= kLanes && n >= 4 * kLanes;
+  const bool bounded = detail::has_lane_bound(n, k);
   if (bounded) {
-    // Eigen's fixed-size arrays make both passes explicit SIMD (plain loops were left scalar by gcc 12).
-    Lanes lane_max = Eigen::Map<const Lanes>(values);
-    const Index full = n / kLanes * kLanes;
-    for (Index b = kLanes; b < full; b += kLanes) lane_max = lane_max.max(Eigen::Map<const Lanes>(values + b));
-    // The lane maxima are kLanes distinct elements, so the k-th largest of them is <= the k-th largest
-    // of all values: a tight bound that leaves about two dozen survivors of 1024 on random data.
-    static_assert(kLanes == 32, "top_k: the bound is the k-th largest of 32 lane maxima");
-    t = detail::kth_largest_of_32(lane_max.data(), k);
+    t = detail::lane_bound(values, n, k);  // <= the k-th largest of all values
     // The survivors, compressed, then ranked: no data-dependent branch on typical inputs (the sorted
     // insertions below mispredict on real scores, far more than on a benchmark's few repeated rows, which
     // train the branch predictor). More than kRanked survivors (heavy ties): the insertion pass.
