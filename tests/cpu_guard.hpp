@@ -20,6 +20,18 @@ class SkipAllTestsUnless : public ::testing::Environment {
   const char* why_;
 };
 
+/// Whether this CPU has the vector instructions this translation unit is compiled for: AVX-512F, or AVX2
+/// and FMA (tests/CMakeLists.txt, peer_add_isa_tests); always true for a portable build.
+inline bool cpu_has_build_path() {
+#if defined(__AVX512F__)
+  return __builtin_cpu_supports("avx512f");
+#elif defined(__AVX2__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return true;
+#endif
+}
+
 /// Registers the guard (call from a namespace-scope initializer); GoogleTest owns the environment.
 inline const ::testing::Environment* skip_all_tests_unless(bool (*has_path)(), const char* why) {
   return ::testing::AddGlobalTestEnvironment(new SkipAllTestsUnless(has_path, why));

@@ -27,21 +27,13 @@ using peer::bfloat16;
 using peer::Index;
 namespace pd = peer::detail;
 
-bool cpu_has_path() {
-#if defined(__AVX512F__)
-  return __builtin_cpu_supports("avx512f");
-#elif defined(__AVX2__)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return true;
-#endif
-}
+using peer_test::cpu_has_build_path;
 
 #define PEER_REQUIRE_PATH() \
-  if (!cpu_has_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses"
+  if (!cpu_has_build_path()) GTEST_SKIP() << "this CPU lacks the instructions this build uses"
 // Every test of the binary needs its instructions (tests/cpu_guard.hpp).
 [[maybe_unused]] const ::testing::Environment* const kRequirePath =
-    peer_test::skip_all_tests_unless(cpu_has_path, "this CPU lacks the instructions this build uses");
+    peer_test::skip_all_tests_unless(cpu_has_build_path, "this CPU lacks the instructions this build uses");
 
 // The definitions, written as plainly as possible (the oracle of every path).
 std::uint16_t ref_nearest(std::uint32_t b) {

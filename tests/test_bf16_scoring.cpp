@@ -244,12 +244,13 @@ TEST(Bf16Scoring, OrdersThatBf16RoundingScramblesAreRankedExactly) {
   PEER_REQUIRE_PATH();
   // Sub-keys that differ from one base key by about one bf16 ulp: the bf16 scores rank them nearly at
   // random, the re-check scores in their true order. A candidate set without the bound's margin misses.
-  // 64 sub-keys take the candidates' floor from the approximate top k' + 1, 160 from the lane bound.
+  // 64 sub-keys take the candidates' floor from the approximate top k' + 1, 160 from the 32-lane bound, 320
+  // with k' = 30 from the 64-lane bound.
   std::mt19937 gen(12);
   std::normal_distribution<double> normal(0.0, 1.0);
   for (int trial = 0; trial < 12; ++trial) {
-    const Index n = trial % 4 < 2 ? 64 : 160;
-    KeysSetup<float> s(checked_config(2, 32, n, 8, 8, trial % 2 ? peer::KeySharing::kShared : peer::KeySharing::kPerHead));
+    const Index n = trial % 6 < 2 ? 64 : trial % 6 < 4 ? 160 : 320, k = n == 320 ? 30 : 8;
+    KeysSetup<float> s(checked_config(2, 32, n, k, k, trial % 2 ? peer::KeySharing::kShared : peer::KeySharing::kPerHead));
     for (const char* name : {"sub_keys.left", "sub_keys.right"}) {
       auto m = s.params.find(name);
       std::vector<double> base(static_cast<std::size_t>(m.cols()));

@@ -88,51 +88,62 @@ inline int bit_count(std::uint32_t m) {
 #endif
 }
 
-/// The k-th largest of m[0, 32) (0 < k <= 32, no NaN): the largest m_i that at least k of the m_j are >=
-/// (each m_i above it has at most k - 1 such; the k-th largest itself has k). Branch-free, two 16-lane
-/// compares per element (std::nth_element over the 32 took 6% of a PEER forward on 2026-12-04).
-template <typename Scalar>
-Scalar kth_largest_of_32(const Scalar* m, Index k) {
-  using Lanes = Eigen::Array<Scalar, 32, 1>;
+/// The k-th largest of m[0, L) for L = 32 or 64 (0 < k <= L, no NaN): the largest m_i that at least k of
+/// the m_j are >= (each m_i above it has at most k - 1 such; the k-th largest itself has k). Branch-free,
+/// L / 16 16-lane compares per element (std::nth_element over 32 took 6% of a PEER forward on 2026-12-04).
+template <int L, typename Scalar>
+Scalar kth_largest_of_lanes(const Scalar* m, Index k) {
+  static_assert(L == 32 || L == 64, "kth_largest_of_lanes: 32 or 64 lanes");
+  using Lanes = Eigen::Array<Scalar, L, 1>;
   const Scalar low = Eigen::Map<const Lanes>(m).minCoeff();  // <= the answer: a neutral stand-in
   Lanes qualified;  // m_i where at least k are >= m_i, else low: independent per i, then one max
-  for (int i = 0; i < 32; ++i) {
-    const int at_least = bit_count(mask16_at_least(m, m[i])) + bit_count(mask16_at_least(m + 16, m[i]));
+  for (int i = 0; i < L; ++i) {
+    int at_least = bit_count(mask16_at_least(m, m[i])) + bit_count(mask16_at_least(m + 16, m[i]));
+    if constexpr (L == 64) at_least += bit_count(mask16_at_least(m + 32, m[i])) + bit_count(mask16_at_least(m + 48, m[i]));
     qualified[i] = at_least >= k ? m[i] : low;
   }
   return qualified.maxCoeff();
 }
 
-/// Whether lane_bound applies: k <= 32 and n >= 128 (four values per lane at least).
-inline bool has_lane_bound(Index n, Index k) { return k > 0 && k <= 32 && n >= 128; }
+/// The lanes of lane_bound for k: 32 up to k = 24, else 64. More lanes bound tighter (as k nears the lane
+/// count, the k-th lane maximum falls towards the smallest, and the survivors multiply) but take four
+/// times the compares to select from.
+inline Index bound_lanes(Index k) { return k <= 24 ? 32 : 64; }
+/// Whether lane_bound applies: 0 < k <= 64 and at least four values per lane.
+inline bool has_lane_bound(Index n, Index k) { return k > 0 && k <= 64 && n >= 4 * bound_lanes(k); }
 
-/// A lower bound of the k-th largest of values[0, n) (has_lane_bound(n, k), no NaN): the maxima of 32
-/// interleaved lanes are 32 distinct elements, so their k-th largest t has at least k values >= t. One
-/// vector pass and a branch-free selection; tight on random data (about two dozen of 1024 values are >= t
-/// for k = 16).
+/// lane_bound with L lanes.
+template <int L, typename Scalar>
+Scalar lane_bound_of(const Scalar* values, Index n, Index k) {
+  using Lanes = Eigen::Array<Scalar, L, 1>;
+  // Eigen's fixed-size arrays make the pass explicit SIMD (a plain loop was left scalar by gcc 12).
+  Lanes lane_max = Eigen::Map<const Lanes>(values);
+  const Index full = n / L * L;
+  for (Index b = L; b < full; b += L) lane_max = lane_max.max(Eigen::Map<const Lanes>(values + b));
+  return kth_largest_of_lanes<L>(lane_max.data(), k);
+}
+
+/// A lower bound of the k-th largest of values[0, n) (has_lane_bound(n, k), no NaN): the maxima of
+/// L = bound_lanes(k) interleaved lanes are L distinct elements, so their k-th largest t has at least k
+/// values >= t. One vector pass and a branch-free selection; tight on random data (about two dozen of 1024
+/// values are >= t for k = 16).
 template <typename Scalar>
 Scalar lane_bound(const Scalar* values, Index n, Index k) {
   PEER_ASSERT(has_lane_bound(n, k));
-  constexpr Index kLanes = 32;
-  using Lanes = Eigen::Array<Scalar, kLanes, 1>;
-  // Eigen's fixed-size arrays make the pass explicit SIMD (a plain loop was left scalar by gcc 12).
-  Lanes lane_max = Eigen::Map<const Lanes>(values);
-  const Index full = n / kLanes * kLanes;
-  for (Index b = kLanes; b < full; b += kLanes) lane_max = lane_max.max(Eigen::Map<const Lanes>(values + b));
-  return kth_largest_of_32(lane_max.data(), k);
+  return bound_lanes(k) == 32 ? lane_bound_of<32>(values, n, k) : lane_bound_of<64>(values, n, k);
 }
 
 /// The lanes [0, c) of a 16-lane block, for any c (none for c <= 0, all for c >= 16).
 inline std::uint32_t lanes_below(Index c) { return c <= 0 ? 0u : c >= 16 ? 0xFFFFu : (1u << c) - 1u; }
 
-/// The first k (k <= 32, k <= m) of m values by (value descending, position ascending), into out_idx
+/// The first k (k <= 64, k <= m) of m values by (value descending, position ascending), into out_idx
 /// (idx[position]) and out_val, sorted. Branch-free ranking: rank_i = #{j < i : v_j >= v_i} +
 /// #{j > i : v_j > v_i}, distinct for distinct i, by 16-lane compares (m^2 / 16 of them: for small m).
 /// v and idx have room for whole blocks of 16 (lanes past m are masked off, never read as values).
 template <typename Scalar>
 void select_by_rank(const Scalar* v, const std::int32_t* idx, Index m, Index k, std::int32_t* out_idx, Scalar* out_val) {
-  Scalar val[33];
-  std::int32_t id[33];  // slot k takes every rank >= k
+  Scalar val[65];
+  std::int32_t id[65];  // slot k takes every rank >= k
   const Index blocks = (m + 15) / 16;
   for (Index i = 0; i < m; ++i) {
     const Scalar x = v[i];
@@ -241,21 +252,21 @@ class TopKBuffer {
 /// The k largest of values[0 .. n), sorted descending, ties to the lower index: indices into out_indices,
 /// scores into out_values (k slots each). Requires 0 < k <= n and no NaN in values.
 ///
-/// Two passes over the data for k <= 32 and n >= 128: the maxima of 32 interleaved lanes are 32 distinct
-/// elements, so the k-th largest of them, t, is a lower bound of the k-th largest value; the second pass
-/// compresses the values >= t (about two dozen of 1024 on random data) with their indices, in index order,
-/// and ranks them branch-free (detail::select_by_rank). Values below t can never be among the k largest,
-/// so the result is exact, ties included. Both passes are vector loops over blocks of 16 (MACHINE.md
-/// measured this family of methods at about 8x a heap). More than 64 survivors (heavy ties) go to a
-/// sorted buffer in index order instead; inputs of at most 64 values are ranked whole; other sizes use
-/// the buffer over all values.
+/// Two passes over the data for k <= 64 and n >= 4 L (L = detail::bound_lanes(k), 32 or 64): the maxima of L
+/// interleaved lanes are L distinct elements, so the k-th largest of them, t, is a lower bound of the k-th
+/// largest value; the second pass compresses the values >= t (about two dozen of 1024 on random data for
+/// k = 16) with their indices, in index order, and ranks them branch-free (detail::select_by_rank). Values
+/// below t can never be among the k largest, so the result is exact, ties included. Both passes are vector
+/// loops over blocks of 16 (MACHINE.md measured this family of methods at about 8x a heap). More survivors
+/// than the ranking takes (2 L; heavy ties) go to a sorted buffer in index order instead; inputs of at
+/// most 64 values are ranked whole; other sizes use the buffer over all values.
 template <typename Scalar>
 void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Scalar* out_values) {
   PEER_ASSERT(k > 0 && k <= n);
-  constexpr Index kLanes = 32, kBlock = 16, kRanked = 64;
-  // Survivors of the bound (or all of a short input), ranked branch-free when there are at most kRanked.
-  Scalar kept_val[kRanked + kBlock];
-  std::int32_t kept_idx[kRanked + kBlock];
+  constexpr Index kBlock = 16, kMaxRanked = 128, kShort = 64;
+  // Survivors of the bound (or all of a short input), ranked branch-free when there are at most 2 L.
+  Scalar kept_val[kMaxRanked + kBlock];
+  std::int32_t kept_idx[kMaxRanked + kBlock];
   TopKBuffer<Scalar> best(k, out_values, out_indices);
   Index start = 0;
   Scalar t{};
@@ -264,15 +275,15 @@ void top_k(const Scalar* values, Index n, Index k, std::int32_t* out_indices, Sc
     t = detail::lane_bound(values, n, k);  // <= the k-th largest of all values
     // The survivors, compressed, then ranked: no data-dependent branch on typical inputs (the sorted
     // insertions below mispredict on real scores, far more than on a benchmark's few repeated rows, which
-    // train the branch predictor). More than kRanked survivors (heavy ties): the insertion pass.
-    const Index m = detail::compress_at_least(values, n, t, kept_val, kept_idx, kRanked);
+    // train the branch predictor). More than 2 L survivors (heavy ties): the insertion pass.
+    const Index m = detail::compress_at_least(values, n, t, kept_val, kept_idx, 2 * detail::bound_lanes(k));
     if (m >= 0) {
       PEER_ASSERT(m >= k);
       std::fill(kept_val + m, kept_val + m + kBlock, t);  // the last block's unused lanes: defined, masked off
       detail::select_by_rank(kept_val, kept_idx, m, k, out_indices, out_values);
       return;
     }
-  } else if (k <= kLanes && n <= kRanked) {
+  } else if (n <= kShort) {
     std::copy(values, values + n, kept_val);
     std::fill(kept_val + n, kept_val + n + kBlock, values[0]);
     for (Index j = 0; j < n; ++j) kept_idx[j] = static_cast<std::int32_t>(j);
