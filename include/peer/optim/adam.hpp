@@ -170,11 +170,14 @@ class Adam : public detail::OptimizerCore<Scalar> {
   void update_table_row(std::size_t tb, Scalar* p, ExpertId row, const Scalar* g, int thread) override {
     const Index cols = this->layout().tables()[tb].cols;
     TableState& st = tables_[tb];
-    const Coefficients c = coefficients(this->table_lr(tb), this->wd_table(tb), ++row_steps_[tb][static_cast<std::size_t>(row)]);
+    const std::int64_t t = ++row_steps_[tb][static_cast<std::size_t>(row)];
     if (st.rule == TableOptimizer::kRowWiseAdagrad) {
+      // No bias correction: Adam's two powers per row are not computed.
+      const Coefficients c = coefficients(this->table_lr(tb), this->wd_table(tb), t, false);
       update_row_wise_adagrad(c, p, g, st.v.data() + row, cols);
       return;
     }
+    const Coefficients c = coefficients(this->table_lr(tb), this->wd_table(tb), t);
     // m (and v) of the row in Scalar: in place, or widened into this thread's scratch.
     Scalar* m = st.bf16_moments ? st.scratch.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(2 * cols)
                                 : st.m.data() + row * cols;
@@ -206,9 +209,10 @@ class Adam : public detail::OptimizerCore<Scalar> {
     bool decoupled;
   };
 
-  Coefficients coefficients(Scalar lr, Scalar wd, std::int64_t t) const {
-    const double c1 = 1.0 - std::pow(config_.beta1, static_cast<double>(t));
-    const double c2 = 1.0 - std::pow(config_.beta2, static_cast<double>(t));
+  // With bias_correction false, inv_c1 and inv_c2 are left at 1 (row-wise Adagrad reads neither).
+  Coefficients coefficients(Scalar lr, Scalar wd, std::int64_t t, bool bias_correction = true) const {
+    const double c1 = bias_correction ? 1.0 - std::pow(config_.beta1, static_cast<double>(t)) : 1.0;
+    const double c2 = bias_correction ? 1.0 - std::pow(config_.beta2, static_cast<double>(t)) : 1.0;
     return {lr, wd, static_cast<Scalar>(config_.beta1), static_cast<Scalar>(config_.beta2), static_cast<Scalar>(config_.epsilon),
             static_cast<Scalar>(1.0 / c1), static_cast<Scalar>(1.0 / c2), config_.weight_decay == WeightDecay::kDecoupled};
   }
