@@ -19,12 +19,27 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <string>
 
 #include "bench_common.hpp"
 
 namespace {
 
-enum Phase { kForward = 0, kForwardBackward = 1, kTrainStep = 2 };
+enum Phase { kForward = 0, kForwardBackward = 1, kTrainStep = 2, kDiscardTableRows = 3 };
+
+// Phase kDiscardTableRows: forward and backward with every table's summed gradient rows handed to this
+// sink, which drops them. It is the fused training step without any table update (and without the dense
+// tensors' few-microsecond Adam step): the floor below which no table rule, storage or rounding can bring
+// the step, measured rather than estimated.
+class DiscardRows final : public peer::RowSink<float> {
+ public:
+  void prepare(int) override {}
+  void update_row(peer::ExpertId, const float* g, int) override { benchmark::DoNotOptimize(g); }
+  const std::string& table_name() const override { return name_; }
+
+ private:
+  std::string name_ = "discarded";
+};
 
 // Scalars of the dense tensors of a layout.
 double dense_bytes(const peer::ParameterLayout& layout) {
@@ -44,16 +59,24 @@ void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, in
     adam = std::make_unique<peer::Adam<float>>(layer.layout(), groups, peer::AdamConfig::adamw());
     if (fused) adam->fuse_table_updates(params, grads);  // each table row updated inside the backward
   }
+  DiscardRows discard;
+  const auto num_tables = static_cast<int>(layer.layout().tables().size());
+  if (phase == kDiscardTableRows) {
+    for (int t = 0; t < num_tables; ++t) grads.table(peer::TableHandle{t}).set_sink(&discard);
+  }
   typename Layer::Cache cache;
   const bench::Mat x = bench::random(b, dim, 3), dy = bench::random(b, dim, 4);
   bench::Mat y(b, dim), none;
   const auto iteration = [&] {
     layer.forward(params, x, y, cache, peer::Mode::kTrain);
-    if (phase >= kForwardBackward) {
+    if (phase != kForward) {
       grads.zero();
       layer.backward(params, cache, dy, none, grads);
     }
     if (phase == kTrainStep) adam->step(params, grads);
+    if (phase == kDiscardTableRows) {
+      for (int t = 0; t < num_tables; ++t) grads.table(peer::TableHandle{t}).end_fused_step();
+    }
     benchmark::DoNotOptimize(y.data());
   };
   // One untimed step first: it faults in the caches, the gradient's rows and the optimizer's moments, which
@@ -61,10 +84,10 @@ void run_layer(benchmark::State& state, const Layer& layer, long dim, long b, in
   // has, it gave that case a 42% coefficient of variation over 3 repetitions on 2026-11-30.)
   iteration();
   for (auto _ : state) iteration();
-  const double flops = layer.forward_flops_per_token() + (phase >= kForwardBackward ? layer.backward_flops_per_token() : 0.0);
+  const double flops = layer.forward_flops_per_token() + (phase != kForward ? layer.backward_flops_per_token() : 0.0);
   const double dense = dense_bytes(layer.layout());
   const double rows = std::max(0.0, layer.parameter_bytes_per_token() - dense);
-  const double times = phase == kForward ? 1 : phase == kForwardBackward ? 3 : 10;
+  const double times = phase == kForward ? 1 : phase == kTrainStep ? 10 : 3;
   bench::set_counters(state, static_cast<double>(b), flops, times * (rows + dense / static_cast<double>(b)));
   bench::set_time_per_token(state, static_cast<double>(b));
   state.counters["params"] = static_cast<double>(layer.total_parameters());
@@ -158,6 +181,7 @@ void BM_Layer(benchmark::State& state) {
 
 // Table storage and state, in one run: the PEER layer at N = 1024^2, 2 threads. args: D, phase, variant, B.
 // Variants: the table's storage, its optimizer state, and whether the update is fused into the backward.
+// Phase 3 (kDiscardTableRows) runs a variant's forward and backward with the table rows dropped.
 struct StorageVariant {
   const char* label;
   peer::TableStorage table;
@@ -186,7 +210,8 @@ void BM_Storage(benchmark::State& state) {
   const long d = state.range(0), b = state.range(3);
   bench::ThreadScope threads(state, 2);
   const StorageVariant& v = kStorageVariants[state.range(2)];
-  state.SetLabel(v.label);
+  const int phase = static_cast<int>(state.range(1));
+  state.SetLabel(phase == kDiscardTableRows ? std::string(v.label) + "_rows_discarded" : std::string(v.label));
   peer::PeerConfig c = peer_config(d, 1024);
   c.expert_storage = v.table;
   c.sub_key_scoring = v.scoring;
@@ -197,7 +222,7 @@ void BM_Storage(benchmark::State& state) {
     g.table_optimizer = v.rule;
     g.moment_storage = v.moments;
   }
-  run_layer(state, layer, d, b, static_cast<int>(state.range(1)), groups, v.fused);
+  run_layer(state, layer, d, b, phase, groups, v.fused);
   // The GB/s model of run_layer counts float rows and lazy Adam's traffic: it does not describe these
   // variants, so it is left out; tokens/s, bytes of state and the peak resident set are what compare.
   state.counters.erase("GB/s");
@@ -209,8 +234,11 @@ void storage_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"D", "phase", "variant", "B"});
   const long variants = static_cast<long>(sizeof(kStorageVariants) / sizeof(kStorageVariants[0]));
   for (long d : {256, 512}) {
+    const long step_b = d == 256 ? 2048 : 256;
     for (long v : {0, 2, 8, 9}) b->Args({d, kForward, v, 2048});
-    for (long v = 0; v < variants; ++v) b->Args({d, kTrainStep, v, d == 256 ? 2048 : 256});
+    for (long v = 0; v < variants; ++v) b->Args({d, kTrainStep, v, step_b});
+    // The fastest small-state step's floor: its forward and backward with no table update at all.
+    b->Args({d, kDiscardTableRows, 10, step_b});
   }
   for (long v : {4, 5, 6, 7}) b->Args({1024, kTrainStep, v, 256});
 }

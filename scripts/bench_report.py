@@ -10,6 +10,10 @@ command, commit, compiler, CPU model and flags), and writes:
   <results>/report.md;
 - retrieval_time_per_token.png and layers_tokens_per_second.png into --img (when matplotlib is there).
 
+From `scripts/bench --storage` (<results>/bench_storage.json, BM_Storage cases each run in a process of
+its own and merged with --merge), it writes the block between <!-- generated:storage:begin --> and
+<!-- generated:storage:end --> instead, and storage_tokens_per_second.png.
+
 The kernels and layers are also stated as fractions of the machine measurements of the same run: expert
 traffic as a share of the random-gather bandwidth, GEMM-bound work as a share of the GEMM rate.
 Standard library only, plus matplotlib for the plots.
@@ -26,9 +30,12 @@ from pathlib import Path
 
 BEGIN = "<!-- generated:begin -->"
 END = "<!-- generated:end -->"
-BINARIES = ["bench_machine", "bench_kernels", "bench_retrieval", "bench_layers"]
+STORAGE_BEGIN = "<!-- generated:storage:begin -->"
+STORAGE_END = "<!-- generated:storage:end -->"
+BINARIES = ["bench_machine", "bench_kernels", "bench_retrieval", "bench_layers", "bench_storage"]
 RETRIEVAL_PNG = "retrieval_time_per_token.png"
 LAYERS_PNG = "layers_tokens_per_second.png"
+STORAGE_PNG = "storage_tokens_per_second.png"
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 STANDARD_KEYS = {
     "name", "family_index", "per_family_instance_index", "run_name", "run_type", "repetitions",
@@ -247,7 +254,8 @@ def section_header(res, doc_command):
     meta, ctx = res.meta, res.context()
     mode = meta.get("mode", "unknown")
     date = meta.get("date", ctx.get("date", "unknown date"))
-    lines = [f"## Generated: {'smoke run' if mode == 'quick' else 'full suite'} of {date[:10]}", ""]
+    title = {"quick": "smoke run", "storage": "table storage and state"}.get(mode, "full suite")
+    lines = [f"## Generated: {title} of {date[:10]}", ""]
     if mode == "quick":
         lines += ["> **Smoke run** (`scripts/bench --quick`): subsets of every binary with min_time 0.01 s. These",
                   "> figures check that the suite runs; they are not figures for the record.", ""]
@@ -269,9 +277,13 @@ def section_header(res, doc_command):
     lines.append(f"- Build: {meta.get('compiler', 'unknown compiler')}, `{meta.get('flags', '?')}`, float, OpenMP; "
                  f"commit {meta.get('commit', 'unknown')}.")
     args = meta.get("args", "")
-    lines.append(f"- Command: `{meta.get('command', doc_command).strip()}`: each binary ran as "
-                 f"`build/bench/benchmarks/<binary> {args}`" +
-                 (" with a filter (see meta.txt)." if mode == "quick" else "."))
+    if mode == "storage":
+        lines.append(f"- Command: `{meta.get('command', doc_command).strip()}`: every `BM_Storage` case ran alone as "
+                     f"`build/bench/benchmarks/bench_layers {args} --benchmark_filter='^<case>$'`, one after another.")
+    else:
+        lines.append(f"- Command: `{meta.get('command', doc_command).strip()}`: each binary ran as "
+                     f"`build/bench/benchmarks/<binary> {args}`" +
+                     (" with a filter (see meta.txt)." if mode == "quick" else "."))
     reps = re.search(r"--benchmark_repetitions=(\d+)", args)
     worst = None
     for binary, runs in res.runs.items():
@@ -281,7 +293,8 @@ def section_header(res, doc_command):
     if reps:
         spread = f" The largest coefficient of variation of a time was {pct(worst[0])} ({worst[1]})." if worst else ""
         lines.append(f"- Times are medians of {reps.group(1)} repetitions, wall-clock.{spread}")
-    missing = [b for b in BINARIES if b not in res.runs]
+    expected = ["bench_storage"] if mode == "storage" else [b for b in BINARIES if b != "bench_storage"]
+    missing = [b for b in expected if b not in res.runs]
     if missing:
         lines.append(f"- Not in this run: {', '.join(missing)}.")
     for error in res.errors:
@@ -495,7 +508,7 @@ def layer_groups(res):
     groups = {}
     for run in res.runs.get("bench_layers", {}).values():
         phase = phase_of(run)
-        if phase not in (0, 1, 2):
+        if phase not in (0, 1, 2) or run.family == "BM_Storage":
             continue
         sort, desc = layer_key(run, num_cpus)
         group = groups.setdefault(sort, {"desc": desc, "phases": {}})
@@ -519,6 +532,71 @@ def section_layers(res):
               "(dense FFW, MoE) as a share of the library GEMM's at the query-projection shape of the same D.", "",
               table(["layer", "D", "threads", "B", "forward ms", "fwd + bwd ms", "step ms", "forward tokens/s",
                      "fwd + bwd tokens/s", "step tokens/s", "forward vs machine"], rows), ""]
+    return lines
+
+
+STORAGE_WORDS = [  # BM_Storage label fragments -> words, applied in order
+    ("bf16_checked_scoring", "bf16-checked scoring"),
+    ("partial_row_wise_adam", "partial row-wise Adam"), ("row_wise_adagrad", "row-wise Adagrad"),
+    ("master_rows", "master rows"), ("bf16_m", "bf16 m"), ("adam", "Adam"),
+]
+
+
+def storage_name(run):
+    """A readable name of a BM_Storage case; the forward has no optimizer, so only its storage and scoring."""
+    label = run.label
+    table_text = "bf16 table" if label.startswith("bf16") else "float table"
+    rest = label.split("_", 1)[1] if "_" in label else ""
+    scoring = ", bf16-checked scoring" if "bf16_checked_scoring" in rest else ""
+    if run.named.get("phase") == 0:
+        return table_text + scoring
+    if run.named.get("phase") == 3:
+        return table_text + scoring + ", no table update (rows summed, then dropped)"
+    for fragment, words in STORAGE_WORDS:
+        rest = rest.replace(fragment, words.replace(" ", "\x00"))
+    parts = [p.replace("\x00", " ") for p in rest.split("_") if p]
+    return ", ".join([table_text] + parts)
+
+
+def storage_runs(res, d):
+    """BM_Storage runs at model_dim d, ordered: forward, step variants, then the no-update floor."""
+    runs = [r for r in res.runs.get("bench_storage", {}).values() if r.family == "BM_Storage" and r.named.get("D") == d]
+    order = {0: 0, 2: 1, 3: 2}
+    return sorted(runs, key=lambda r: (order.get(r.named.get("phase"), 9), r.named.get("variant", 0)))
+
+
+def storage_dims(res):
+    return sorted({r.named.get("D") for r in res.runs.get("bench_storage", {}).values() if r.family == "BM_Storage"})
+
+
+def storage_baseline(res, d, phase):
+    """The float table with Adam at the same D: the forward's or the step's (phase 3 compares with the step)."""
+    return res.find("bench_storage", "BM_Storage", D=d, phase=0 if phase == 0 else 2, variant=0)
+
+
+def section_storage(res):
+    lines = ["### Table storage and state (BM_Storage)", ""]
+    if "bench_storage" not in res.runs:
+        return lines + ["Not in this run.", ""]
+    lines += ["The PEER layer at N = 1024^2, H = 8, k = k' = 16, Dk = D, float activations, 2 threads; AdamW on the",
+              "dense tensors. Phases: forward (B = 2048), training step (B = 2048 at D = 256, 256 at D = 512 and 1024),",
+              "and the fastest small-state step's forward and backward with its table rows summed and then dropped",
+              "(no table update at all: the floor under any table rule or storage). \"vs float\": tokens/s against the",
+              "float table with Adam in the same phase (the step for the floor); at D = 1024 that case is not run (its",
+              "24 GiB of state do not fit this machine). \"state\": the table's bytes plus its optimizer state, per",
+              "expert parameter. \"peak\": the process's peak resident set (each case ran alone).", ""]
+    for d in storage_dims(res):
+        rows = []
+        for r in storage_runs(res, d):
+            phase = r.named.get("phase")
+            base = storage_baseline(res, d, phase)
+            vs = ratio(r.c("tokens/s"), base.c("tokens/s") if base else None)
+            rows.append([storage_name(r), {0: "forward", 2: "step", 3: "floor"}.get(phase, str(phase)),
+                         integer(r.named.get("B")), integer(r.c("tokens/s")), pct(r.cv) if r.cv is not None else NA,
+                         f"{vs:.2f} x" if vs is not None else NA, sig(r.c("table_B_per_param")),
+                         sig(r.c("model_GiB")), sig(r.c("peak_GiB"))])
+        lines += [f"D = {d}:", "",
+                  table(["case", "phase", "B", "tokens/s", "cv", "vs float", "state B/param", "model GiB", "peak GiB"], rows), ""]
     return lines
 
 
@@ -600,33 +678,66 @@ def plots(res, img_dir):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written["layers"] = path
+    dims = storage_dims(res)
+    if dims:
+        fig, axes = plt.subplots(len(dims), 1, figsize=(9.0, 2.2 + 0.42 * max(len(storage_runs(res, d)) for d in dims) * len(dims)),
+                                 squeeze=False)
+        for ax, d in zip(axes[:, 0], dims):
+            steps = [r for r in storage_runs(res, d) if r.named.get("phase") == 2 and r.c("tokens/s")]
+            names = [f"{storage_name(r)} ({sig(r.c('table_B_per_param'))} B/param)" for r in steps]
+            ax.barh(range(len(steps)), [r.c("tokens/s") for r in steps], color=["C1" if r.label.startswith("bf16") else "C0" for r in steps])
+            ax.set_yticks(range(len(steps)))
+            ax.set_yticklabels(names, fontsize=7)
+            ax.invert_yaxis()
+            base = storage_baseline(res, d, 2)
+            if base and base.c("tokens/s"):
+                ax.axvline(2 * base.c("tokens/s"), color="C3", linestyle="--", label="2 x the float Adam step (issue 12's target)")
+            floor = res.find("bench_storage", "BM_Storage", D=d, phase=3)
+            if floor and floor.c("tokens/s"):
+                ax.axvline(floor.c("tokens/s"), color="k", linestyle=":", label="no table update at all (floor)")
+            ax.set_xlabel("training step, tokens/s")
+            b = steps[0].named.get("B") if steps else None
+            ax.set_title(f"D = {d}, N = 1024^2, B = {b}, 2 threads", fontsize=9)
+            ax.grid(True, axis="x", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = img_dir / STORAGE_PNG
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written["storage"] = path
     return written
 
 
 # ---- Output ----------------------------------------------------------------------------------------
 
 def build_block(res, images, md_dir):
-    lines = [BEGIN, "<!-- Written by scripts/bench_report.py from build/bench/results; edit the script, not this block. -->", ""]
-    lines += section_header(res, "scripts/bench") + [""]
-    lines += section_machine(res)
-    lines += section_kernels(res)
-    lines += section_retrieval(res)
-    if "retrieval" in images:
-        lines += [f"![time per token against N, product keys and brute force]({os.path.relpath(images['retrieval'], md_dir)})", ""]
-    lines += section_layers(res)
-    if "layers" in images:
-        lines += [f"![PEER and dense FFW tokens/s against N]({os.path.relpath(images['layers'], md_dir)})", ""]
+    """The generated block: of the storage comparison (scripts/bench --storage) or of the full suite."""
+    def image(key, alt):
+        return [f"![{alt}]({os.path.relpath(images[key], md_dir)})", ""] if key in images else []
+
+    if res.meta.get("mode") == "storage":
+        begin, end, source, command = STORAGE_BEGIN, STORAGE_END, "build/bench/results/storage", "scripts/bench --storage"
+        body = section_storage(res) + image("storage", "training-step tokens/s of every table storage and state")
+    else:
+        begin, end, source, command = BEGIN, END, "build/bench/results", "scripts/bench"
+        body = (section_machine(res) + section_kernels(res) + section_retrieval(res) +
+                image("retrieval", "time per token against N, product keys and brute force") +
+                section_layers(res) + image("layers", "PEER and dense FFW tokens/s against N"))
+    lines = [begin, f"<!-- Written by scripts/bench_report.py from {source}; edit the script, not this block. -->", ""]
+    lines += section_header(res, command) + [""] + body
     while lines and lines[-1] == "":
         lines.pop()
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
 def write_doc(doc, block):
     text = doc.read_text(encoding="utf-8") if doc.exists() else ""
-    start, end = text.find(BEGIN), text.find(END)
+    begin, end_marker = (STORAGE_BEGIN, STORAGE_END) if block.startswith(STORAGE_BEGIN) else (BEGIN, END)
+    start, end = text.find(begin), text.find(end_marker)
     if start >= 0 and end > start:
-        new = text[:start] + block.rstrip("\n") + text[end + len(END):]
+        new = text[:start] + block.rstrip("\n") + text[end + len(end_marker):]
     else:
         new = text.rstrip("\n") + "\n\n" + block
     if not new.endswith("\n"):
@@ -636,13 +747,34 @@ def write_doc(doc, block):
     os.replace(tmp, doc)
 
 
+def merge_json(paths, out):
+    merged = None
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if merged is None:
+            merged = {"context": data.get("context", {}), "benchmarks": []}
+        merged["benchmarks"] += data.get("benchmarks", [])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1), encoding="utf-8")
+    os.replace(tmp, out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="build/bench/results", help="folder of the JSON files")
     parser.add_argument("--doc", help="markdown file whose generated block to rewrite (default: none, "
                                       "the report goes to <results>/report.md)")
     parser.add_argument("--img", help="folder for the PNG plots (default: the results folder)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge these Google Benchmark JSON files "
+                        "(the context of the first, the benchmarks of all, in order) into --out, then stop")
+    parser.add_argument("--out", help="the merged file (with --merge)")
     args = parser.parse_args()
+    if args.merge:
+        if not args.out:
+            sys.exit("bench_report: --merge needs --out")
+        merge_json(args.merge, Path(args.out))
+        return
     res = Results(args.results)
     if not res.runs:
         sys.exit(f"bench_report: no bench_*.json in {args.results} (run scripts/bench first)")

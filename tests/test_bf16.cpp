@@ -1,11 +1,13 @@
 // bfloat16 tables, the optimizers' table state and fused table updates. This file is compiled three times: with the project's flags (the portable paths, plus
 // the layer, optimizer and checkpoint tests), with -mavx2 -mfma and with -mavx512f (the conversion and row
-// kernels only, PEER_TEST_BF16_KERNELS_ONLY): every vector path must equal the scalar definitions bit for
-// bit (conversions) or to float rounding (dot, axpy). Vector builds skip on a CPU without the instructions.
+// kernels and the one-pass optimizer row updates, PEER_TEST_BF16_KERNELS_ONLY): every vector path must equal
+// the scalar definitions bit for bit (conversions, row updates) or to float rounding (dot, axpy). Vector
+// builds skip on a CPU without the instructions.
 #include <gtest/gtest.h>
 
 #include "cpu_guard.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -14,12 +16,10 @@
 #include <vector>
 
 #include <peer/core/bfloat16.hpp>
-
-#if !defined(PEER_TEST_BF16_KERNELS_ONLY)
+#include <peer/core/row_blocks.hpp>
 #include <peer/io/parameters_file.hpp>
 
 #include "test_util.hpp"
-#endif
 
 namespace {
 
@@ -209,6 +209,180 @@ TEST(Bf16Rows, DotAndAxpyEqualDoubleReferencesToFloatRounding) {
   }
 }
 
+// Bf16RowBlocks (the one-pass row update's loads and stores) against the row functions: loads are the
+// widened row, stores in any block order and set() on the tail give bitwise what narrow_row_nearest and
+// narrow_row_stochastic give for the whole row; the same for double values.
+template <typename Scalar>
+void check_row_blocks(const std::vector<float>& values, Index n, bool stochastic, bool shuffled) {
+  const pd::RoundingStream stream{0x9abcdef1u};
+  std::vector<bfloat16> row(static_cast<std::size_t>(n)), want(static_cast<std::size_t>(n));
+  pd::narrow_row_nearest(values.data(), row.data(), n);
+  std::vector<Scalar> in(values.begin(), values.begin() + n);
+  if (stochastic) {
+    pd::narrow_row_stochastic(in.data(), want.data(), n, stream);
+  } else {
+    pd::narrow_row_nearest(in.data(), want.data(), n);
+  }
+  pd::Bf16RowBlocks<Scalar> blocks(row.data(), n, stochastic, stream);
+  const Index full = n / pd::kRowBlock * pd::kRowBlock;
+  for (Index j = 0; j < full; j += pd::kRowBlock) {
+    const auto b = blocks.load(j);
+    for (Index l = 0; l < pd::kRowBlock; ++l) {
+      ASSERT_EQ(pd::float_bits(static_cast<float>(b[l])), pd::float_bits(pd::widen_bf16(row[static_cast<std::size_t>(j + l)])));
+    }
+  }
+  std::vector<Index> order;
+  for (Index j = 0; j < full; j += pd::kRowBlock) order.push_back(j);
+  if (shuffled) std::shuffle(order.begin(), order.end(), std::mt19937(static_cast<unsigned>(n)));
+  for (Index j : order) blocks.store(j, Eigen::Map<const typename pd::Bf16RowBlocks<Scalar>::Block>(in.data() + j));
+  for (Index j = full; j < n; ++j) blocks.set(j, in[static_cast<std::size_t>(j)]);
+  for (Index j = 0; j < n; ++j) {
+    ASSERT_EQ(pd::bf16_bits(row[static_cast<std::size_t>(j)]), pd::bf16_bits(want[static_cast<std::size_t>(j)]))
+        << "n " << n << " stochastic " << stochastic << " shuffled " << shuffled << " j " << j;
+    ASSERT_EQ(pd::float_bits(static_cast<float>(blocks.get(j))), pd::float_bits(pd::widen_bf16(want[static_cast<std::size_t>(j)])));
+  }
+}
+
+TEST(Bf16Rows, RowBlocksEqualTheRowFunctionsBitForBit) {
+  PEER_REQUIRE_PATH();
+  const std::vector<float> values = probe_values(4000);
+  for (Index n : {Index{16}, Index{24}, Index{32}, Index{40}, Index{48}, Index{520}, static_cast<Index>(values.size())}) {
+    for (bool stochastic : {true, false}) {
+      for (bool shuffled : {false, true}) {
+        check_row_blocks<float>(values, n, stochastic, shuffled);
+        check_row_blocks<double>(values, n, stochastic, shuffled);
+      }
+    }
+  }
+}
+
+// ---- One-pass optimizer row updates (every build) ---------------------------------------------------
+
+// The update of a bf16 table against a naive per-row loop: widen, the float optimizer's update (taken
+// from a float table with the same values and gradient), round as the group asks.
+// 40 columns: two blocks of 16 (the second rounds with the second half of the first block's pair hashes)
+// and a tail of 8 set one column at a time.
+struct Bf16Step {
+  static constexpr Index kCols = 40;
+  peer::ParameterLayout l16, l32;
+  peer::Parameters<float> p16, p32;
+  peer::Gradients<float> g16, g32;
+  Bf16Step() {
+    l16.add_dense("w", 1, 3);
+    l16.add_table("experts", 40, kCols, peer::TableStorage::kBFloat16);
+    l32.add_dense("w", 1, 3);
+    l32.add_table("experts", 40, kCols);
+    p16 = peer::Parameters<float>(l16);
+    p32 = peer::Parameters<float>(l32);
+    g16 = peer::Gradients<float>(l16);
+    g32 = peer::Gradients<float>(l32);
+    const peer_test::Mat<float> init = peer_test::random_matrix<float>(40, kCols, 4, 0.5);
+    for (Index r = 0; r < 40; ++r) p16.table(peer::TableHandle{0}).write_row(r, init.row(r).data());
+  }
+  // Gradient of step s: rows 3 s mod 40 ... (a few rows, some repeated across steps).
+  void fill(int s) {
+    g16.zero();
+    g32.zero();
+    std::vector<peer::ExpertId> ids;
+    for (int k = 0; k < 5; ++k) ids.push_back(static_cast<peer::ExpertId>((3 * s + 7 * k) % 40));
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    const peer_test::Mat<float> g = peer_test::random_matrix<float>(static_cast<Index>(ids.size()), kCols, static_cast<unsigned>(100 * s), 1e-3);
+    g16.table(peer::TableHandle{0}).add(ids, g.data());
+    g32.table(peer::TableHandle{0}).add(ids, g.data());
+  }
+};
+
+std::vector<peer::ParamGroup> groups_with(peer::Bf16Rounding rounding) {
+  auto groups = peer::default_param_groups(1e-2, peer::LrSchedule(), 1e-2);
+  for (auto& g : groups) {
+    g.bf16_rounding = rounding;
+    g.rounding_seed = 99;
+  }
+  return groups;
+}
+
+// Adam's rules update a bf16 row in one pass (peer/core/row_blocks.hpp); Sgd through the three-pass default
+// (widen into scratch, update, round). Both must give what the float rule gives on the widened row, rounded
+// by hand. Every Adam table rule, Adam's moments in bf16, both weight-decay modes.
+TEST(Bf16Tables, AdamAndSgdUpdatesEqualANaivePerRowLoopForEveryRounding) {
+  PEER_REQUIRE_PATH();
+  constexpr Index kCols = Bf16Step::kCols;
+  struct Rule {
+    bool adam;
+    peer::TableOptimizer rule;
+    peer::TableStorage moments;
+    peer::AdamConfig config;
+  };
+  peer::AdamConfig l2 = peer::AdamConfig();
+  l2.weight_decay = peer::WeightDecay::kL2;
+  const std::vector<Rule> rules = {
+      {true, peer::TableOptimizer::kDefault, peer::TableStorage::kNative, peer::AdamConfig::adamw()},
+      {true, peer::TableOptimizer::kDefault, peer::TableStorage::kBFloat16, l2},
+      {true, peer::TableOptimizer::kPartialRowWiseAdam, peer::TableStorage::kBFloat16, peer::AdamConfig::adamw()},
+      {true, peer::TableOptimizer::kPartialRowWiseAdam, peer::TableStorage::kNative, l2},
+      {true, peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative, peer::AdamConfig::adamw()},
+      {true, peer::TableOptimizer::kRowWiseAdagrad, peer::TableStorage::kNative, l2},
+      {false, peer::TableOptimizer::kDefault, peer::TableStorage::kNative, peer::AdamConfig()},
+  };
+  for (auto rounding : {peer::Bf16Rounding::kStochastic, peer::Bf16Rounding::kNearest, peer::Bf16Rounding::kMasterRows}) {
+    for (const Rule& rule : rules) {
+      const bool adam = rule.adam;
+      auto groups = groups_with(rounding);
+      for (auto& g : groups) {
+        g.table_optimizer = rule.rule;
+        g.moment_storage = rule.moments;
+        g.weight_decay = 0.01;  // decay moves every column: the decoupled and the L2 path both run
+      }
+      auto sgd_groups = groups_with(rounding);
+      Bf16Step s;
+      peer::Adam<float> a16(s.l16, groups, rule.config), a32(s.l32, groups, rule.config);
+      peer::Sgd<float> s16(s.l16, sgd_groups, 0.9), s32(s.l32, sgd_groups, 0.9);
+      auto& t16 = s.p16.table(peer::TableHandle{0});
+      auto& t32 = s.p32.table(peer::TableHandle{0});
+      // The reference's float table follows the rule by hand: before each step it holds what the bf16
+      // rule says the parameter is (the widened row, or the master).
+      peer_test::Mat<float> master(40, kCols);
+      for (Index r = 0; r < 40; ++r) t16.read_row(r, master.row(r).data());
+      const pd::TableRowWriter<float> keys(s.l16.tables()[0], rounding, 99);
+      for (int step = 1; step <= 6; ++step) {
+        s.fill(step);
+        for (Index r = 0; r < 40; ++r) {
+          if (rounding == peer::Bf16Rounding::kMasterRows) {
+            std::copy(master.row(r).data(), master.row(r).data() + kCols, t32.row(r));
+          } else {
+            t16.read_row(r, t32.row(r));
+          }
+        }
+        if (adam) {
+          a16.step(s.p16, s.g16);
+          a32.step(s.p32, s.g32);
+        } else {
+          s16.step(s.p16, s.g16);
+          s32.step(s.p32, s.g32);
+        }
+        for (Index r = 0; r < 40; ++r) {
+          const bool touched = s.g32.table(peer::TableHandle{0}).find(static_cast<peer::ExpertId>(r)) != nullptr;
+          for (Index j = 0; j < kCols; ++j) {
+            const float want = t32.row(r)[j];
+            std::uint16_t expect;
+            if (!touched) {
+              continue;  // untouched rows: checked below to keep their bits
+            } else if (rounding == peer::Bf16Rounding::kStochastic) {
+              expect = ref_stochastic(pd::float_bits(want), pd::rounding_bits(keys.stream(step, r), static_cast<std::uint32_t>(j)));
+            } else {
+              expect = ref_nearest(pd::float_bits(want));
+            }
+            ASSERT_EQ(pd::bf16_bits(t16.bf16_row(r)[j]), expect) << to_string(rounding) << " adam " << adam << " rule "
+                                                                  << to_string(rule.rule) << " step " << step << " row " << r << " col " << j;
+          }
+          if (rounding == peer::Bf16Rounding::kMasterRows && touched) std::copy(t32.row(r), t32.row(r) + kCols, master.row(r).data());
+        }
+      }
+    }
+  }
+}
+
 #if !defined(PEER_TEST_BF16_KERNELS_ONLY)
 // ---- Tables, layers, optimizers and files (portable build only) --------------------------------------
 
@@ -303,97 +477,6 @@ TEST(Bf16Tables, LayerWithBf16TableEqualsTheFloatLayerOnTheWidenedTable) {
     } else {
       peer::PeerLayer<float> layer(bf16_config(peer::TableStorage::kBFloat16));
       run(layer);
-    }
-  }
-}
-
-// The update of a bf16 table against a naive per-row loop: widen, the float optimizer's update (taken
-// from a float table with the same values and gradient), round as the group asks.
-struct Bf16Step {
-  peer::ParameterLayout l16, l32;
-  peer::Parameters<float> p16, p32;
-  peer::Gradients<float> g16, g32;
-  Bf16Step() {
-    l16.add_dense("w", 1, 3);
-    l16.add_table("experts", 40, 20, peer::TableStorage::kBFloat16);
-    l32.add_dense("w", 1, 3);
-    l32.add_table("experts", 40, 20);
-    p16 = peer::Parameters<float>(l16);
-    p32 = peer::Parameters<float>(l32);
-    g16 = peer::Gradients<float>(l16);
-    g32 = peer::Gradients<float>(l32);
-    const Mat<float> init = peer_test::random_matrix<float>(40, 20, 4, 0.5);
-    for (Index r = 0; r < 40; ++r) p16.table(peer::TableHandle{0}).write_row(r, init.row(r).data());
-  }
-  // Gradient of step s: rows 3 s mod 40 ... (a few rows, some repeated across steps).
-  void fill(int s) {
-    g16.zero();
-    g32.zero();
-    std::vector<peer::ExpertId> ids;
-    for (int k = 0; k < 5; ++k) ids.push_back(static_cast<peer::ExpertId>((3 * s + 7 * k) % 40));
-    std::sort(ids.begin(), ids.end());
-    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-    const Mat<float> g = peer_test::random_matrix<float>(static_cast<Index>(ids.size()), 20, static_cast<unsigned>(100 * s), 1e-3);
-    g16.table(peer::TableHandle{0}).add(ids, g.data());
-    g32.table(peer::TableHandle{0}).add(ids, g.data());
-  }
-};
-
-std::vector<peer::ParamGroup> groups_with(peer::Bf16Rounding rounding) {
-  auto groups = peer::default_param_groups(1e-2, peer::LrSchedule(), 1e-2);
-  for (auto& g : groups) {
-    g.bf16_rounding = rounding;
-    g.rounding_seed = 99;
-  }
-  return groups;
-}
-
-TEST(Bf16Tables, AdamAndSgdUpdatesEqualANaivePerRowLoopForEveryRounding) {
-  for (auto rounding : {peer::Bf16Rounding::kStochastic, peer::Bf16Rounding::kNearest, peer::Bf16Rounding::kMasterRows}) {
-    for (bool adam : {true, false}) {
-      Bf16Step s;
-      peer::Adam<float> a16(s.l16, groups_with(rounding), peer::AdamConfig::adamw()), a32(s.l32, groups_with(rounding), peer::AdamConfig::adamw());
-      peer::Sgd<float> s16(s.l16, groups_with(rounding), 0.9), s32(s.l32, groups_with(rounding), 0.9);
-      auto& t16 = s.p16.table(peer::TableHandle{0});
-      auto& t32 = s.p32.table(peer::TableHandle{0});
-      // The reference's float table follows the rule by hand: before each step it holds what the bf16
-      // rule says the parameter is (the widened row, or the master).
-      Mat<float> master(40, 20);
-      for (Index r = 0; r < 40; ++r) t16.read_row(r, master.row(r).data());
-      const pd::TableRowWriter<float> keys(s.l16.tables()[0], rounding, 99);
-      for (int step = 1; step <= 6; ++step) {
-        s.fill(step);
-        for (Index r = 0; r < 40; ++r) {
-          if (rounding == peer::Bf16Rounding::kMasterRows) {
-            std::copy(master.row(r).data(), master.row(r).data() + 20, t32.row(r));
-          } else {
-            t16.read_row(r, t32.row(r));
-          }
-        }
-        if (adam) {
-          a16.step(s.p16, s.g16);
-          a32.step(s.p32, s.g32);
-        } else {
-          s16.step(s.p16, s.g16);
-          s32.step(s.p32, s.g32);
-        }
-        for (Index r = 0; r < 40; ++r) {
-          const bool touched = s.g32.table(peer::TableHandle{0}).find(static_cast<peer::ExpertId>(r)) != nullptr;
-          for (Index j = 0; j < 20; ++j) {
-            const float want = t32.row(r)[j];
-            std::uint16_t expect;
-            if (!touched) {
-              continue;  // untouched rows: checked below to keep their bits
-            } else if (rounding == peer::Bf16Rounding::kStochastic) {
-              expect = ref_stochastic(pd::float_bits(want), pd::rounding_bits(keys.stream(step, r), static_cast<std::uint32_t>(j)));
-            } else {
-              expect = ref_nearest(pd::float_bits(want));
-            }
-            ASSERT_EQ(pd::bf16_bits(t16.bf16_row(r)[j]), expect) << to_string(rounding) << " adam " << adam << " step " << step << " row " << r;
-          }
-          if (rounding == peer::Bf16Rounding::kMasterRows && touched) std::copy(t32.row(r), t32.row(r) + 20, master.row(r).data());
-        }
-      }
     }
   }
 }
@@ -599,6 +682,7 @@ TEST(TableState, PartialRowWiseAdamAndRowWiseAdagradEqualNaiveLoops) {
 TEST(TableState, Bf16MomentsAreTheFloatUpdateStochasticallyRounded) {
   for (auto rule : {peer::TableOptimizer::kDefault, peer::TableOptimizer::kPartialRowWiseAdam}) {
     Bf16Step s;
+    constexpr Index kCols = Bf16Step::kCols;
     auto groups = groups_with(peer::Bf16Rounding::kStochastic);
     auto ref_groups = groups;
     for (auto& g : groups) {
@@ -608,7 +692,7 @@ TEST(TableState, Bf16MomentsAreTheFloatUpdateStochasticallyRounded) {
     for (auto& g : ref_groups) g.table_optimizer = rule;
     // Float tables on both sides, so that only the moments differ in storage.
     peer::Parameters<float> pa(s.l32), pb(s.l32);
-    const Mat<float> init = peer_test::random_matrix<float>(40, 20, 4, 0.5);
+    const Mat<float> init = peer_test::random_matrix<float>(40, kCols, 4, 0.5);
     std::copy(init.data(), init.data() + init.size(), pa.table(peer::TableHandle{0}).data());
     std::copy(init.data(), init.data() + init.size(), pb.table(peer::TableHandle{0}).data());
     peer::Adam<float> a(s.l32, groups, peer::AdamConfig::adamw()), b(s.l32, ref_groups, peer::AdamConfig::adamw());
@@ -630,12 +714,12 @@ TEST(TableState, Bf16MomentsAreTheFloatUpdateStochasticallyRounded) {
       const auto& grad = s.g32.table(peer::TableHandle{0});
       for (std::size_t k = 0; k < sa.size(); ++k) {
         if (sa[k].bf16 == nullptr || sa[k].rows != 40) continue;  // the dense tensor's moments, per-row v
-        const std::uint32_t first = sa[k].name.find(".v.") != std::string::npos ? 40u : 20u;
+        const std::uint32_t first = static_cast<std::uint32_t>(sa[k].name.find(".v.") != std::string::npos ? 2 * kCols : kCols);
         for (peer::ExpertId r : grad.ids()) {
-          for (Index j = 0; j < 20; ++j) {
-            const float want = sb[k].data[r * 20 + j];
+          for (Index j = 0; j < kCols; ++j) {
+            const float want = sb[k].data[r * kCols + j];
             const std::uint16_t expect = ref_stochastic(pd::float_bits(want), pd::rounding_bits(keys.stream(step, r), first + static_cast<std::uint32_t>(j)));
-            ASSERT_EQ(pd::bf16_bits(sa[k].bf16[r * 20 + j]), expect) << sa[k].name << " step " << step << " row " << r;
+            ASSERT_EQ(pd::bf16_bits(sa[k].bf16[r * kCols + j]), expect) << sa[k].name << " step " << step << " row " << r;
           }
         }
       }

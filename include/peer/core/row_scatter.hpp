@@ -26,6 +26,12 @@
 #include "peer/core/row_sparse.hpp"
 #include "peer/core/types.hpp"
 
+/// How many rows ahead a fused backward asks the optimizer to start loading the table rows it will update
+/// (0 turns it off; a hint, no effect on results). docs/benchmarks.md has the measurement behind the default.
+#ifndef PEER_PREFETCH_UPDATE_ROWS
+#define PEER_PREFETCH_UPDATE_ROWS 4
+#endif
+
 namespace peer {
 
 namespace detail {
@@ -73,7 +79,7 @@ struct RowScatterWorkspace {
 /// ids = r, in ascending i, of the contribution `add_item(i, row)` writes into `row` (an Eigen row
 /// expression of `cols` scalars, zeroed before the first item: add_item must ADD).
 /// With a sink on `grad` (fused table updates) each summed row goes to sink->update_row instead, the same
-/// sum in the same order, and nothing is stored.
+/// sum in the same order, and nothing is stored; the sink is asked to prefetch the rows a few groups ahead.
 template <typename Scalar, typename AddItem>
 void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSparseGrad<Scalar>& grad,
                   RowScatterWorkspace<Scalar>& ws, AddItem&& add_item) {
@@ -88,10 +94,14 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
   // finish(group, buffer, thread): to the fused sink, or stored into the gradient.
   using RowVec = Eigen::Matrix<Scalar, 1, Eigen::Dynamic>;
   ws.buffers.resize(parallel_threads(), cols);
+  RowSink<Scalar>* const sink = grad.sink();
   auto sum_rows = [&](auto&& finish) {
     parallel_for(g.num_groups(), 256, [&](Index g0, Index g1, int thread) {
       Scalar* buffer = ws.buffers.row(thread).data();
       for (Index gi = g0; gi < g1; ++gi) {
+        if (PEER_PREFETCH_UPDATE_ROWS > 0 && sink != nullptr && gi + PEER_PREFETCH_UPDATE_ROWS < g1) {
+          sink->prefetch(g.keys[static_cast<std::size_t>(gi + PEER_PREFETCH_UPDATE_ROWS)]);
+        }
         Eigen::Map<RowVec> row(buffer, cols);
         row.setZero();
         for (std::int64_t p = g.starts[static_cast<std::size_t>(gi)]; p < g.starts[static_cast<std::size_t>(gi) + 1]; ++p) {
@@ -102,7 +112,7 @@ void scatter_rows(const ConstIdMatrixRef& ids, Index num_rows, Index cols, RowSp
       streaming_fence();
     });
   };
-  if (RowSink<Scalar>* sink = grad.sink()) {
+  if (sink != nullptr) {
     grad.begin_fused_backward();
     sink->prepare(parallel_threads());
     sum_rows([&](Index gi, const Scalar* buffer, int thread) { sink->update_row(g.keys[static_cast<std::size_t>(gi)], buffer, thread); });

@@ -26,6 +26,8 @@ class RowSink {
   /// Called once per backward, before any row, with parallel_threads(): scratch is made here.
   virtual void prepare(int threads) = 0;
   virtual void update_row(ExpertId row, const Scalar* g, int thread) = 0;
+  /// A hint that update_row(row, ...) comes soon: start loading the row (no effect on results).
+  virtual void prefetch(ExpertId /*row*/) const {}
   /// The table's name, for messages.
   virtual const std::string& table_name() const = 0;
 

@@ -42,6 +42,7 @@
 #include "peer/core/bfloat16.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
+#include "peer/core/row_blocks.hpp"
 #include "peer/optim/optimizer_core.hpp"
 
 namespace peer {
@@ -114,7 +115,10 @@ class Adam : public detail::OptimizerCore<Scalar> {
       const Scalar* g = grads.dense_data() + spec.offset;
       Scalar* m = m_dense_.data() + spec.offset;
       Scalar* v = v_dense_.data() + spec.offset;
-      parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(c, p, g, m, v, b, e); });
+      parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) {
+        detail::NativeRowBlocks<Scalar> row(p, spec.size());
+        update(c, row, g, m, v, b, e);
+      });
     }
     this->update_tables(params, grads);
   }
@@ -166,8 +170,19 @@ class Adam : public detail::OptimizerCore<Scalar> {
     if (st.bf16_moments && st.scratch.size() < need) st.scratch.assign(need, Scalar(0));  // once per thread count
   }
 
-  // The table rules on one row (see the file comment); row steps are lazy Adam's t_r.
   void update_table_row(std::size_t tb, Scalar* p, ExpertId row, const Scalar* g, int thread) override {
+    detail::NativeRowBlocks<Scalar> blocks(p, this->layout().tables()[tb].cols);
+    apply_table_rule(tb, blocks, row, g, thread);
+  }
+  // A bf16 row in one pass: each block widened, updated and rounded back (peer/core/row_blocks.hpp).
+  void update_bf16_table_row(std::size_t tb, detail::Bf16RowBlocks<Scalar>& p, ExpertId row, const Scalar* g, int thread) override {
+    apply_table_rule(tb, p, row, g, thread);
+  }
+
+  // The table rules on one row (see the file comment); row steps are lazy Adam's t_r. p: the row's blocks
+  // (NativeRowBlocks or Bf16RowBlocks).
+  template <typename Row>
+  void apply_table_rule(std::size_t tb, Row& p, ExpertId row, const Scalar* g, int thread) {
     const Index cols = this->layout().tables()[tb].cols;
     TableState& st = tables_[tb];
     const std::int64_t t = ++row_steps_[tb][static_cast<std::size_t>(row)];
@@ -223,24 +238,31 @@ class Adam : public detail::OptimizerCore<Scalar> {
   // get bitwise the same update (tested), and the step is vectorized: the plain scalar loop was not
   // (p, g, m, v may alias as far as the compiler knows, and sqrt sets errno), which made the lazy row
   // update compute-bound rather than bound by its memory traffic.
-  static constexpr Index kBlock = 16;
+  // p goes through its Row (peer/core/row_blocks.hpp): load a block, update it, store it; a bf16 row is
+  // thus widened and rounded in the same pass. Blocks start at multiples of kBlock from b (0 for a row).
+  static constexpr Index kBlock = detail::kRowBlock;
   using Block = Eigen::Array<Scalar, kBlock, 1>;
 
-  static void update(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar* v, Index b, Index e) {
+  template <typename Row>
+  static void update(const Coefficients& c, Row& p, const Scalar* g, Scalar* m, Scalar* v, Index b, Index e) {
     using BlockMap = Eigen::Map<Block>;
     using ConstBlockMap = Eigen::Map<const Block>;
     using Span = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     Index i = b;
-    for (; i + kBlock <= e; i += kBlock) update_block(c, BlockMap(p + i), ConstBlockMap(g + i), BlockMap(m + i), BlockMap(v + i));
+    for (; i + kBlock <= e; i += kBlock) {
+      Block pi = p.load(i);
+      update_block(c, pi, ConstBlockMap(g + i), BlockMap(m + i), BlockMap(v + i));
+      p.store(i, pi);
+    }
     if (i == e) return;
     const Index n = e - i;
     Block tp = Block::Zero(), tg = Block::Zero(), tm = Block::Zero(), tv = Block::Zero();
-    tp.head(n) = Span(p + i, n);
+    for (Index l = 0; l < n; ++l) tp[l] = p.get(i + l);
     tg.head(n) = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(g + i, n);
     tm.head(n) = Span(m + i, n);
     tv.head(n) = Span(v + i, n);
     update_block(c, tp, tg, tm, tv);
-    Span(p + i, n) = tp.head(n);
+    for (Index l = 0; l < n; ++l) p.set(i + l, tp[l]);
     Span(m + i, n) = tm.head(n);
     Span(v + i, n) = tv.head(n);
   }
@@ -263,19 +285,20 @@ class Adam : public detail::OptimizerCore<Scalar> {
 
   // mean_j g'_j^2 of one row (g' = g, plus wd p for L2 decay), in blocks of kBlock lanes summed at the end
   // in lane order: vectorized, and the same for any alignment, thread or path (fused or not).
-  static Scalar mean_square(const Coefficients& c, const Scalar* p, const Scalar* g, Index cols) {
+  template <typename Row>
+  static Scalar mean_square(const Coefficients& c, const Row& p, const Scalar* g, Index cols) {
     using ConstBlockMap = Eigen::Map<const Block>;
     Block acc = Block::Zero();
     Index j = 0;
     for (; j + kBlock <= cols; j += kBlock) {
       Block gj = ConstBlockMap(g + j);
-      if (!c.decoupled) gj += c.wd * ConstBlockMap(p + j);
+      if (!c.decoupled) gj += c.wd * p.load(j);
       acc += gj * gj;
     }
     Scalar sum = 0;
     for (Index l = 0; l < kBlock; ++l) sum += acc[l];
     for (; j < cols; ++j) {
-      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p[j];
+      const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p.get(j);
       sum += gj * gj;
     }
     return sum / static_cast<Scalar>(cols);
@@ -283,13 +306,14 @@ class Adam : public detail::OptimizerCore<Scalar> {
 
   // p_j -= lr step_j / denom for one row, step_j = m_j / c1 with m updated (Adam) or g'_j (Adagrad, m null);
   // decoupled decay first. Blocks of kBlock lanes, then the tail element by element.
-  static void apply_row_wise(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar denom, Index cols) {
+  template <typename Row>
+  static void apply_row_wise(const Coefficients& c, Row& p, const Scalar* g, Scalar* m, Scalar denom, Index cols) {
     using BlockMap = Eigen::Map<Block>;
     using ConstBlockMap = Eigen::Map<const Block>;
     const Scalar scale = c.lr / denom;
     Index j = 0;
     for (; j + kBlock <= cols; j += kBlock) {
-      BlockMap pj(p + j);
+      Block pj = p.load(j);
       Block gj = ConstBlockMap(g + j);
       if (c.decoupled) {
         pj -= (c.lr * c.wd) * pj;
@@ -303,31 +327,36 @@ class Adam : public detail::OptimizerCore<Scalar> {
       } else {
         pj -= scale * gj;
       }
+      p.store(j, pj);
     }
     for (; j < cols; ++j) {
+      Scalar pj = p.get(j);
       Scalar gj = g[j];
       if (c.decoupled) {
-        p[j] -= (c.lr * c.wd) * p[j];
+        pj -= (c.lr * c.wd) * pj;
       } else {
-        gj += c.wd * p[j];
+        gj += c.wd * pj;
       }
       if (m != nullptr) {
         m[j] = c.b1 * m[j] + (Scalar(1) - c.b1) * gj;
-        p[j] -= scale * (m[j] * c.inv_c1);
+        pj -= scale * (m[j] * c.inv_c1);
       } else {
-        p[j] -= scale * gj;
+        pj -= scale * gj;
       }
+      p.set(j, pj);
     }
   }
 
   // Partial row-wise Adam on one row: m per entry, *v_row its one v (see the file comment).
-  static void update_partial_row_wise(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* m, Scalar* v_row, Index cols) {
+  template <typename Row>
+  static void update_partial_row_wise(const Coefficients& c, Row& p, const Scalar* g, Scalar* m, Scalar* v_row, Index cols) {
     *v_row = c.b2 * *v_row + (Scalar(1) - c.b2) * mean_square(c, p, g, cols);
     apply_row_wise(c, p, g, m, std::sqrt(*v_row * c.inv_c2) + c.eps, cols);
   }
 
   // Row-wise Adagrad on one row: *sum its accumulator of mean squared gradients.
-  static void update_row_wise_adagrad(const Coefficients& c, Scalar* p, const Scalar* g, Scalar* sum, Index cols) {
+  template <typename Row>
+  static void update_row_wise_adagrad(const Coefficients& c, Row& p, const Scalar* g, Scalar* sum, Index cols) {
     *sum += mean_square(c, p, g, cols);
     apply_row_wise(c, p, g, nullptr, std::sqrt(*sum) + c.eps, cols);
   }

@@ -135,6 +135,14 @@ class OptimizerCore {
   /// `thread` < the thread count prepare_table was given. table_lr(t) and rounding_stream(t, row) belong
   /// to the update in progress.
   virtual void update_table_row(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int thread) = 0;
+  /// The same rule on a row stored in bf16, read and rounded back through p (a rule that goes block by
+  /// block updates the row in one pass). This default widens the whole row into scratch, applies
+  /// update_table_row and rounds it back: bitwise the same result, in three passes.
+  virtual void update_bf16_table_row(std::size_t t, Bf16RowBlocks<Scalar>& p, ExpertId row, const Scalar* g, int thread) {
+    Scalar* widened = p.widen_all();
+    update_table_row(t, widened, row, g, thread);
+    p.round_all();
+  }
   /// Called before a table's rows are updated: per-thread scratch of the optimizer's own.
   virtual void prepare_table(std::size_t /*t*/, int /*threads*/) {}
 
@@ -158,7 +166,7 @@ class OptimizerCore {
         for (Index r = r0; r < r1; ++r) {
           const ExpertId row = grad.ids()[static_cast<std::size_t>(r)];
           const Scalar* g = grad.values().row(r).data();
-          writers_[t].update_row(table, row, step_, thread, [&](Scalar* p) { update_table_row(t, p, row, g, thread); });
+          writers_[t].update_row(table, row, step_, thread, [&](auto&& p) { apply_rule(t, p, row, g, thread); });
         }
       });
     }
@@ -189,6 +197,12 @@ class OptimizerCore {
     prepare_table(t, threads);
   }
 
+  // The optimizer's rule on a row in Scalar, or on a bf16 row.
+  void apply_rule(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int thread) { update_table_row(t, p, row, g, thread); }
+  void apply_rule(std::size_t t, Bf16RowBlocks<Scalar>& p, ExpertId row, const Scalar* g, int thread) {
+    update_bf16_table_row(t, p, row, g, thread);
+  }
+
   // What a fused backward hands its rows to: the update step() would make, at the step about to come.
   class FusedSink final : public RowSink<Scalar> {
    public:
@@ -200,7 +214,13 @@ class OptimizerCore {
     void update_row(ExpertId row, const Scalar* g, int thread) override {
       auto& table = params_->table(TableHandle{static_cast<int>(t_)});
       core_->writers_[t_].update_row(table, row, core_->table_step_[t_], thread,
-                                     [&](Scalar* p) { core_->update_table_row(t_, p, row, g, thread); });
+                                     [&](auto&& p) { core_->apply_rule(t_, p, row, g, thread); });
+    }
+    // Only bf16 rows: with the one-pass update they measured faster prefetched, while a float table's
+    // fused Adam step (row, m and v: three rows) measured slower (docs/benchmarks.md, 2026-12-06).
+    void prefetch(ExpertId row) const override {
+      const auto& table = params_->table(TableHandle{static_cast<int>(t_)});
+      if (table.is_bf16()) table.prefetch(row);
     }
     const std::string& table_name() const override { return name_; }
 

@@ -5,7 +5,8 @@
 /// \file
 /// How an optimizer writes updated rows back into a table stored as bfloat16 (chosen per ParamGroup).
 ///
-/// Every optimizer computes a row's update in Scalar on the widened row p = widen(row) and then:
+/// Every optimizer computes a row's update in Scalar on the widened row p = widen(row) (16 columns at a
+/// time, widened and rounded back in one pass: peer/core/row_blocks.hpp) and then:
 /// - kStochastic (the default): row = stochastic(p'), unbiased (E[row] = p'); the random bits are keyed by
 ///   (ParamGroup::rounding_seed, the table's name, the optimizer's step, the row) and the column
 ///   (peer/core/bfloat16.hpp), so the result is identical for any thread count and after a resume;
@@ -27,6 +28,7 @@
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
+#include "peer/core/row_blocks.hpp"
 #include "peer/core/row_sparse.hpp"
 
 namespace peer {
@@ -78,9 +80,10 @@ class TableRowWriter {
     }
   }
 
-  /// Calls update(p) on row `row` in Scalar (p: cols values, updated in place: the row itself, its master,
-  /// or a widened copy in this thread's scratch) and writes a bf16 row back as the storage asks; `step`
-  /// keys the stochastic rounding.
+  /// Calls update(p) on row `row`, p being what the rule updates in place: a Scalar* to the row itself (a
+  /// table in Scalar) or to its master (then rounded to nearest into the bf16 row), or a
+  /// Bf16RowBlocks<Scalar>& over the bf16 row, which rounds each block as it is stored (nearest, or
+  /// stochastic keyed by `step`), with this thread's scratch row for rules that want the row widened whole.
   template <typename Update>
   void update_row(RowTable<Scalar>& table, Index row, std::int64_t step, int thread, Update&& update) {
     if (!bf16_) {
@@ -90,14 +93,9 @@ class TableRowWriter {
       update(p);
       table.write_row(row, p);
     } else {
-      Scalar* p = scratch_.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(cols_);
-      table.read_row(row, p);
+      Bf16RowBlocks<Scalar> p(table.bf16_row(row), cols_, rounding_ == Bf16Rounding::kStochastic, stream(step, row),
+                              scratch_.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(cols_));
       update(p);
-      if (rounding_ == Bf16Rounding::kNearest) {
-        table.write_row(row, p);
-      } else {
-        narrow_row_stochastic(p, table.bf16_row(row), cols_, stream(step, row));
-      }
     }
   }
 
