@@ -680,8 +680,9 @@ def plots(res, img_dir):
         written["layers"] = path
     dims = storage_dims(res)
     if dims:
-        fig, axes = plt.subplots(len(dims), 1, figsize=(9.0, 2.2 + 0.42 * max(len(storage_runs(res, d)) for d in dims) * len(dims)),
-                                 squeeze=False)
+        bars = [max(1, sum(1 for r in storage_runs(res, d) if r.named.get("phase") == 2)) for d in dims]
+        fig, axes = plt.subplots(len(dims), 1, figsize=(9.0, sum(1.1 + 0.26 * n for n in bars)), squeeze=False,
+                                 gridspec_kw={"height_ratios": [1.1 + 0.26 * n for n in bars]})
         for ax, d in zip(axes[:, 0], dims):
             steps = [r for r in storage_runs(res, d) if r.named.get("phase") == 2 and r.c("tokens/s")]
             names = [f"{storage_name(r)} ({sig(r.c('table_B_per_param'))} B/param)" for r in steps]
@@ -700,7 +701,7 @@ def plots(res, img_dir):
             ax.set_title(f"D = {d}, N = 1024^2, B = {b}, 2 threads", fontsize=9)
             ax.grid(True, axis="x", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="lower right")
+                ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
         fig.tight_layout()
         path = img_dir / STORAGE_PNG
         fig.savefig(path, dpi=110)
