@@ -302,9 +302,9 @@ std::vector<peer::ParamGroup> groups_with(peer::Bf16Rounding rounding) {
   return groups;
 }
 
-// Adam's rules update a bf16 row in one pass (peer/core/row_blocks.hpp); Sgd through the three-pass default
-// (widen into scratch, update, round). Both must give what the float rule gives on the widened row, rounded
-// by hand. Every Adam table rule, Adam's moments in bf16, both weight-decay modes.
+// Adam's and Sgd's rules update a bf16 row in one pass (peer/core/row_blocks.hpp); they must give what the
+// float rule gives on the widened row, rounded by hand. Every Adam table rule, Adam's moments in bf16, both
+// weight-decay modes, Sgd with momentum.
 TEST(Bf16Tables, AdamAndSgdUpdatesEqualANaivePerRowLoopForEveryRounding) {
   PEER_REQUIRE_PATH();
   constexpr Index kCols = Bf16Step::kCols;

@@ -57,16 +57,15 @@ class NativeRowBlocks {
   Index cols_;
 };
 
-/// A row stored in bfloat16, rounded as it is stored (see the file comment). `scratch` (cols Scalars,
-/// or null) serves widen_all / round_all, for rules that need the whole row in Scalar at once.
+/// A row stored in bfloat16, rounded as it is stored (see the file comment).
 template <typename Scalar>
 class Bf16RowBlocks {
  public:
   using Block = Eigen::Array<Scalar, kRowBlock, 1>;
 
   /// `stochastic`: round with `stream` (column j draws rounding_bits(stream, j)); else to nearest.
-  Bf16RowBlocks(bfloat16* row, Index cols, bool stochastic, RoundingStream stream, Scalar* scratch = nullptr)
-      : row_(row), cols_(cols), stochastic_(stochastic), stream_(stream), scratch_(scratch) {}
+  Bf16RowBlocks(bfloat16* row, Index cols, bool stochastic, RoundingStream stream)
+      : row_(row), cols_(cols), stochastic_(stochastic), stream_(stream) {}
 
   Index cols() const { return cols_; }
 
@@ -136,27 +135,11 @@ class Bf16RowBlocks {
     row_[j] = stochastic_ ? narrow_bf16_stochastic(f, rounding_bits(stream_, static_cast<std::uint32_t>(j))) : narrow_bf16_nearest(f);
   }
 
-  /// The whole row widened into the scratch (which the caller may change), for round_all.
-  Scalar* widen_all() {
-    PEER_ASSERT(scratch_ != nullptr);
-    widen_row(row_, scratch_, cols_);
-    return scratch_;
-  }
-  /// Rounds the scratch back into the row.
-  void round_all() {
-    if (stochastic_) {
-      narrow_row_stochastic(scratch_, row_, cols_, stream_);
-    } else {
-      narrow_row_nearest(scratch_, row_, cols_);
-    }
-  }
-
  private:
   bfloat16* row_;
   Index cols_;
   bool stochastic_;
   RoundingStream stream_;
-  Scalar* scratch_;
 #if defined(__AVX512F__)
   Index hashed_block_ = -1;
   __m512i hashes_ = _mm512_setzero_si512();

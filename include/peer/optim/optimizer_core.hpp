@@ -135,14 +135,9 @@ class OptimizerCore {
   /// `thread` < the thread count prepare_table was given. table_lr(t) and rounding_stream(t, row) belong
   /// to the update in progress.
   virtual void update_table_row(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int thread) = 0;
-  /// The same rule on a row stored in bf16, read and rounded back through p (a rule that goes block by
-  /// block updates the row in one pass). This default widens the whole row into scratch, applies
-  /// update_table_row and rounds it back: bitwise the same result, in three passes.
-  virtual void update_bf16_table_row(std::size_t t, Bf16RowBlocks<Scalar>& p, ExpertId row, const Scalar* g, int thread) {
-    Scalar* widened = p.widen_all();
-    update_table_row(t, widened, row, g, thread);
-    p.round_all();
-  }
+  /// The same rule on a row stored in bf16, read and rounded back through p block by block (one pass over
+  /// the row): bitwise what the rule gives on the widened row, rounded as the table's group asks.
+  virtual void update_bf16_table_row(std::size_t t, Bf16RowBlocks<Scalar>& p, ExpertId row, const Scalar* g, int thread) = 0;
   /// Called before a table's rows are updated: per-thread scratch of the optimizer's own.
   virtual void prepare_table(std::size_t /*t*/, int /*threads*/) {}
 
@@ -166,7 +161,7 @@ class OptimizerCore {
         for (Index r = r0; r < r1; ++r) {
           const ExpertId row = grad.ids()[static_cast<std::size_t>(r)];
           const Scalar* g = grad.values().row(r).data();
-          writers_[t].update_row(table, row, step_, thread, [&](auto&& p) { apply_rule(t, p, row, g, thread); });
+          writers_[t].update_row(table, row, step_, [&](auto&& p) { apply_rule(t, p, row, g, thread); });
         }
       });
     }
@@ -193,7 +188,7 @@ class OptimizerCore {
   void begin_table(std::size_t t, std::int64_t step, const RowTable<Scalar>& table, int threads) {
     table_step_[t] = step;
     table_lr_[t] = static_cast<Scalar>(learning_rate(static_cast<std::size_t>(assignment_.tables[t]), step));
-    writers_[t].prepare(table, threads);
+    writers_[t].prepare(table);
     prepare_table(t, threads);
   }
 
@@ -213,8 +208,7 @@ class OptimizerCore {
     }
     void update_row(ExpertId row, const Scalar* g, int thread) override {
       auto& table = params_->table(TableHandle{static_cast<int>(t_)});
-      core_->writers_[t_].update_row(table, row, core_->table_step_[t_], thread,
-                                     [&](auto&& p) { core_->apply_rule(t_, p, row, g, thread); });
+      core_->writers_[t_].update_row(table, row, core_->table_step_[t_], [&](auto&& p) { core_->apply_rule(t_, p, row, g, thread); });
     }
     // Only bf16 rows: with the one-pass update they measured faster prefetched, while a float table's
     // fused Adam step (row, m and v: three rows) measured slower (docs/benchmarks.md, 2026-12-06).

@@ -15,6 +15,7 @@
 #include "peer/core/aligned_buffer.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
+#include "peer/core/row_blocks.hpp"
 #include "peer/optim/optimizer_core.hpp"
 
 namespace peer {
@@ -55,7 +56,10 @@ class Sgd : public detail::OptimizerCore<Scalar> {
       Scalar* p = params.dense_data() + spec.offset;
       const Scalar* g = grads.dense_data() + spec.offset;
       Scalar* buf = mu > 0 ? dense_buf_.data() + spec.offset : nullptr;
-      parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) { update(p, g, buf, b, e, lr, wd, mu); });
+      parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) {
+        detail::NativeRowBlocks<Scalar> row(p, spec.size());
+        update(row, g, buf, b, e, lr, wd, mu);
+      });
     }
     this->update_tables(params, grads);
   }
@@ -82,21 +86,56 @@ class Sgd : public detail::OptimizerCore<Scalar> {
 
  private:
   void update_table_row(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int) override {
+    detail::NativeRowBlocks<Scalar> blocks(p, this->layout().tables()[t].cols);
+    apply_table_rule(t, blocks, row, g);
+  }
+  // A bf16 row in one pass: each block widened, updated and rounded back (peer/core/row_blocks.hpp).
+  void update_bf16_table_row(std::size_t t, detail::Bf16RowBlocks<Scalar>& p, ExpertId row, const Scalar* g, int) override {
+    apply_table_rule(t, p, row, g);
+  }
+  template <typename Row>
+  void apply_table_rule(std::size_t t, Row& p, ExpertId row, const Scalar* g) {
     const Index cols = this->layout().tables()[t].cols;
     const Scalar mu = static_cast<Scalar>(momentum_);
     Scalar* buf = mu > 0 ? table_buf_[t].data() + row * cols : nullptr;
     update(p, g, buf, 0, cols, this->table_lr(t), this->wd_table(t), mu);
   }
 
-  static void update(Scalar* p, const Scalar* g, Scalar* buf, Index b, Index e, Scalar lr, Scalar wd, Scalar mu) {
-    for (Index i = b; i < e; ++i) {
-      Scalar d = g[i] + wd * p[i];
-      if (buf != nullptr) {
-        buf[i] = mu * buf[i] + d;
-        d = buf[i];
+  // Elements [b, e) in blocks of kBlock through p's Row (load, update, store), the last partial block
+  // through a zero-padded copy: every element goes through the same vectorized code whatever the length or
+  // the split, so a table row and the same values in a dense tensor get bitwise the same update.
+  static constexpr Index kBlock = detail::kRowBlock;
+  using Block = Eigen::Array<Scalar, kBlock, 1>;
+
+  template <typename Row>
+  static void update(Row& p, const Scalar* g, Scalar* buf, Index b, Index e, Scalar lr, Scalar wd, Scalar mu) {
+    using Span = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    using ConstSpan = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    // d = g + wd p; buf = mu buf + d, d = buf (with momentum); p -= lr d.
+    const auto block = [&](Block& pi, const Block& gi, Block* bi) {
+      Block d = gi + wd * pi;
+      if (bi != nullptr) {
+        *bi = mu * *bi + d;
+        d = *bi;
       }
-      p[i] -= lr * d;
+      pi -= lr * d;
+    };
+    Index i = b;
+    for (; i + kBlock <= e; i += kBlock) {
+      Block pi = p.load(i), bi = buf != nullptr ? Block(Eigen::Map<const Block>(buf + i)) : Block::Zero();
+      block(pi, Eigen::Map<const Block>(g + i), buf != nullptr ? &bi : nullptr);
+      p.store(i, pi);
+      if (buf != nullptr) Eigen::Map<Block>(buf + i) = bi;
     }
+    if (i == e) return;
+    const Index n = e - i;
+    Block tp = Block::Zero(), tg = Block::Zero(), tb = Block::Zero();
+    for (Index l = 0; l < n; ++l) tp[l] = p.get(i + l);
+    tg.head(n) = ConstSpan(g + i, n);
+    if (buf != nullptr) tb.head(n) = Span(buf + i, n);
+    block(tp, tg, buf != nullptr ? &tb : nullptr);
+    for (Index l = 0; l < n; ++l) p.set(i + l, tp[l]);
+    if (buf != nullptr) Span(buf + i, n) = tb.head(n);
   }
 
   double momentum_;

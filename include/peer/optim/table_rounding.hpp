@@ -65,9 +65,8 @@ class TableRowWriter {
   /// 1 once the master holds the table (state saved with it, so a resumed run does not refill it).
   std::int64_t* master_ready() { return &master_ready_; }
 
-  /// Makes the scratch for `threads` threads and, for master rows, fills the master from the table the
-  /// first time. Call before update_row (allocates only when the thread count grows).
-  void prepare(const RowTable<Scalar>& table, int threads) {
+  /// For master rows, fills the master from the table the first time. Call before update_row.
+  void prepare(const RowTable<Scalar>& table) {
     if (!bf16_) return;
     if (has_master() && master_ready_ == 0) {
       parallel_for(table.rows(), 4096, [&](Index r0, Index r1, int) {
@@ -75,17 +74,14 @@ class TableRowWriter {
       });
       master_ready_ = 1;
     }
-    if (!has_master() && scratch_.size() < static_cast<std::size_t>(threads * cols_)) {
-      scratch_.assign(static_cast<std::size_t>(threads * cols_), Scalar(0));
-    }
   }
 
   /// Calls update(p) on row `row`, p being what the rule updates in place: a Scalar* to the row itself (a
   /// table in Scalar) or to its master (then rounded to nearest into the bf16 row), or a
   /// Bf16RowBlocks<Scalar>& over the bf16 row, which rounds each block as it is stored (nearest, or
-  /// stochastic keyed by `step`), with this thread's scratch row for rules that want the row widened whole.
+  /// stochastic keyed by `step`).
   template <typename Update>
-  void update_row(RowTable<Scalar>& table, Index row, std::int64_t step, int thread, Update&& update) {
+  void update_row(RowTable<Scalar>& table, Index row, std::int64_t step, Update&& update) {
     if (!bf16_) {
       update(table.row(row));
     } else if (has_master()) {
@@ -93,8 +89,7 @@ class TableRowWriter {
       update(p);
       table.write_row(row, p);
     } else {
-      Bf16RowBlocks<Scalar> p(table.bf16_row(row), cols_, rounding_ == Bf16Rounding::kStochastic, stream(step, row),
-                              scratch_.data() + static_cast<std::size_t>(thread) * static_cast<std::size_t>(cols_));
+      Bf16RowBlocks<Scalar> p(table.bf16_row(row), cols_, rounding_ == Bf16Rounding::kStochastic, stream(step, row));
       update(p);
     }
   }
@@ -112,7 +107,6 @@ class TableRowWriter {
   Index cols_ = 0;
   AlignedBuffer<Scalar> master_;
   std::int64_t master_ready_ = 0;
-  std::vector<Scalar> scratch_;
 };
 
 }  // namespace detail
