@@ -9,7 +9,7 @@
 /// updated and rounded back while it is in registers, with no widened copy of the row written and read
 /// again (three passes over a scratch row before).
 ///
-/// Both offer, for a row of cols() columns:
+/// Both offer, for a row of cols columns:
 ///   load(j)      the 16 values of columns [j, j + 16), j a multiple of 16, in Scalar (a bf16 row widens: exact)
 ///   store(j, x)  writes them (a bf16 row rounds: to nearest, or stochastically with the row's stream)
 ///   get(j), set(j, x)  the same for one column (the tail of a row that is not a multiple of 16)
@@ -44,9 +44,8 @@ class NativeRowBlocks {
  public:
   using Block = Eigen::Array<Scalar, kRowBlock, 1>;
 
-  NativeRowBlocks(Scalar* row, Index cols) : row_(row), cols_(cols) {}
+  explicit NativeRowBlocks(Scalar* row) : row_(row) {}
 
-  Index cols() const { return cols_; }
   Block load(Index j) const { return Eigen::Map<const Block>(row_ + j); }
   void store(Index j, const Block& x) { Eigen::Map<Block>(row_ + j) = x; }
   Scalar get(Index j) const { return row_[j]; }
@@ -54,7 +53,6 @@ class NativeRowBlocks {
 
  private:
   Scalar* row_;
-  Index cols_;
 };
 
 /// A row stored in bfloat16, rounded as it is stored (see the file comment).

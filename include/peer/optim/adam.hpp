@@ -116,7 +116,7 @@ class Adam : public detail::OptimizerCore<Scalar> {
       Scalar* m = m_dense_.data() + spec.offset;
       Scalar* v = v_dense_.data() + spec.offset;
       parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) {
-        detail::NativeRowBlocks<Scalar> row(p, spec.size());
+        detail::NativeRowBlocks<Scalar> row(p);
         update(c, row, g, m, v, b, e);
       });
     }
@@ -171,7 +171,7 @@ class Adam : public detail::OptimizerCore<Scalar> {
   }
 
   void update_table_row(std::size_t tb, Scalar* p, ExpertId row, const Scalar* g, int thread) override {
-    detail::NativeRowBlocks<Scalar> blocks(p, this->layout().tables()[tb].cols);
+    detail::NativeRowBlocks<Scalar> blocks(p);
     apply_table_rule(tb, blocks, row, g, thread);
   }
   // A bf16 row in one pass: each block widened, updated and rounded back (peer/core/row_blocks.hpp).
@@ -232,14 +232,13 @@ class Adam : public detail::OptimizerCore<Scalar> {
             static_cast<Scalar>(1.0 / c1), static_cast<Scalar>(1.0 / c2), config_.weight_decay == WeightDecay::kDecoupled};
   }
 
-  // Elements [b, e) of one tensor, in blocks of kBlock: full blocks in place, the last partial block
-  // through a zero-padded copy. Every element thus goes through the same vectorized code whatever the
-  // tensor's length or the range's split, so a row of the table and the same values in a dense tensor
-  // get bitwise the same update (tested), and the step is vectorized: the plain scalar loop was not
-  // (p, g, m, v may alias as far as the compiler knows, and sqrt sets errno), which made the lazy row
-  // update compute-bound rather than bound by its memory traffic.
-  // p goes through its Row (peer/core/row_blocks.hpp): load a block, update it, store it; a bf16 row is
-  // thus widened and rounded in the same pass. Blocks start at multiples of kBlock from b (0 for a row).
+  // Elements [b, e) of one tensor, in blocks of kBlock: each full block loaded through p's Row
+  // (peer/core/row_blocks.hpp), updated and stored back (a bf16 row is thus widened and rounded in the same
+  // pass), the last partial block through a zero-padded copy. Every element thus goes through the same
+  // vectorized code whatever the tensor's length or the range's split, so a row of the table and the same
+  // values in a dense tensor get bitwise the same update (tested), and the step is vectorized: the plain
+  // scalar loop was not (p, g, m, v may alias as far as the compiler knows, and sqrt sets errno), which
+  // made the lazy row update compute-bound rather than bound by its memory traffic.
   static constexpr Index kBlock = detail::kRowBlock;
   using Block = Eigen::Array<Scalar, kBlock, 1>;
 

@@ -57,7 +57,7 @@ class Sgd : public detail::OptimizerCore<Scalar> {
       const Scalar* g = grads.dense_data() + spec.offset;
       Scalar* buf = mu > 0 ? dense_buf_.data() + spec.offset : nullptr;
       parallel_for(spec.size(), 1 << 14, [&](Index b, Index e, int) {
-        detail::NativeRowBlocks<Scalar> row(p, spec.size());
+        detail::NativeRowBlocks<Scalar> row(p);
         update(row, g, buf, b, e, lr, wd, mu);
       });
     }
@@ -86,7 +86,7 @@ class Sgd : public detail::OptimizerCore<Scalar> {
 
  private:
   void update_table_row(std::size_t t, Scalar* p, ExpertId row, const Scalar* g, int) override {
-    detail::NativeRowBlocks<Scalar> blocks(p, this->layout().tables()[t].cols);
+    detail::NativeRowBlocks<Scalar> blocks(p);
     apply_table_rule(t, blocks, row, g);
   }
   // A bf16 row in one pass: each block widened, updated and rounded back (peer/core/row_blocks.hpp).
