@@ -279,10 +279,10 @@ def section_header(res, doc_command):
     args = meta.get("args", "")
     if mode == "storage":
         lines.append(f"- Command: `{meta.get('command', doc_command).strip()}`: every `BM_Storage` case ran alone as "
-                     f"`build/bench/benchmarks/bench_layers {args} --benchmark_filter='^<case>$'`, one after another.")
+                     f"`{meta.get('build', 'build/bench')}/benchmarks/bench_layers {args} --benchmark_filter='^<case>$'`, one after another.")
     else:
         lines.append(f"- Command: `{meta.get('command', doc_command).strip()}`: each binary ran as "
-                     f"`build/bench/benchmarks/<binary> {args}`" +
+                     f"`{meta.get('build', 'build/bench')}/benchmarks/<binary> {args}`" +
                      (" with a filter (see meta.txt)." if mode == "quick" else "."))
     reps = re.search(r"--benchmark_repetitions=(\d+)", args)
     worst = None

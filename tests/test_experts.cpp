@@ -96,6 +96,62 @@ TEST(SingleNeuronExperts, BackwardMatchesCentralDifferencesAndIsRowSparse) {
   }
 }
 
+// The kernels run two passes per token (all dots, then all axpys) for speed; the docs promise the results of
+// the plain loop that does dot-then-axpy slot by slot, bit for bit. That loop, on the same row primitives:
+template <typename S>
+void one_pass_reference(const peer::RowTable<S>& table, peer::Activation act, Index d, const Mat<S>& x,
+                        const peer::IdMatrix& ids, const Mat<S>& gates, const Mat<S>& dy, Mat<S>& y, Mat<S>& z,
+                        Mat<S>& dx, Mat<S>& dgates) {
+  y.setZero();
+  for (Index t = 0; t < x.rows(); ++t) {
+    for (Index s = 0; s < ids.cols(); ++s) {
+      z(t, s) = table.dot(ids(t, s), 0, x.row(t).data(), d);
+      table.axpy(ids(t, s), d, gates(t, s) * peer::activate(act, z(t, s)), y.row(t).data(), d);
+    }
+    for (Index s = 0; s < ids.cols(); ++s) {
+      const S dh = table.dot(ids(t, s), d, dy.row(t).data(), d);
+      const S dz = gates(t, s) * peer::activate_derivative(act, z(t, s)) * dh;
+      dgates(t, s) = peer::activate(act, z(t, s)) * dh;
+      table.axpy(ids(t, s), 0, dz, dx.row(t).data(), d);
+    }
+  }
+}
+
+template <typename S>
+void two_passes_equal_one_pass(peer::TableStorage storage) {
+  const Index n = 300, d = 40, b = 37, slots = 19;  // d: two 16-lane blocks and a tail; b: several chunks
+  peer::SingleNeuronExperts<S> experts(peer::ExpertPoolConfig{n, d, peer::Activation::kGelu, storage});
+  peer::ParameterLayout layout{static_cast<Index>(sizeof(S))};
+  experts.register_parameters(layout, "experts");
+  peer::Parameters<S> params(layout);
+  experts.initialize(params, 11);
+  const Mat<S> x = random_matrix<S>(b, d, 12), dy = random_matrix<S>(b, d, 13), gates = random_matrix<S>(b, slots, 14);
+  const peer::IdMatrix ids = random_ids(b, slots, n, 15);
+  Mat<S> y(b, d), z(b, slots), dgates(b, slots), y_ref(b, d), z_ref(b, slots), dgates_ref(b, slots);
+  Mat<S> dx = random_matrix<S>(b, d, 16), dx_ref = dx;  // dx is added to
+  peer::Gradients<S> grads(layout);
+  typename peer::SingleNeuronExperts<S>::Workspace ws;
+  experts.forward(params, x, ids, gates, y, z);
+  experts.backward(params, x, ids, gates, z, dy, dx, dgates, grads, ws);
+  one_pass_reference(params.table(experts.table_handle()), peer::Activation::kGelu, d, x, ids, gates, dy, y_ref,
+                     z_ref, dx_ref, dgates_ref);
+  EXPECT_TRUE(same_bits(y, y_ref));
+  EXPECT_TRUE(same_bits(z, z_ref));
+  EXPECT_TRUE(same_bits(dx, dx_ref));
+  EXPECT_TRUE(same_bits(dgates, dgates_ref));
+  // Without dx (no rows): the same gate gradients.
+  Mat<S> no_dx(0, d), dgates_alone(b, slots);
+  grads.zero();
+  experts.backward(params, x, ids, gates, z, dy, no_dx, dgates_alone, grads, ws);
+  EXPECT_TRUE(same_bits(dgates_alone, dgates_ref));
+}
+
+TEST(SingleNeuronExperts, TwoPassKernelsEqualTheOnePassLoopBitForBit) {
+  two_passes_equal_one_pass<float>(peer::TableStorage::kNative);
+  two_passes_equal_one_pass<float>(peer::TableStorage::kBFloat16);
+  two_passes_equal_one_pass<double>(peer::TableStorage::kNative);
+}
+
 TEST(SingleNeuronExperts, RejectsIdsOutsideThePool) {
   ExpertSetup<float> setup(10, 4, peer::Activation::kGelu);
   const Mat<float> x = random_matrix<float>(2, 4, 1);

@@ -172,9 +172,11 @@ class RowTable {
   }
 
   /// Asks the CPU to start loading row i (every cache line of it); see PEER_PREFETCH_ROWS.
-  void prefetch(Index i) const {
-    const void* p = is_bf16() ? static_cast<const void*>(bf16_ + i * cols_) : static_cast<const void*>(data_ + i * cols_);
-    detail::prefetch_bytes(p, row_bytes());
+  void prefetch(Index i) const { prefetch(i, 0, cols_); }
+  /// The same for columns [begin, begin + n) of row i only (the u or the v half of an expert's row).
+  void prefetch(Index i, Index begin, Index n) const {
+    const void* p = is_bf16() ? static_cast<const void*>(bf16_ + i * cols_ + begin) : static_cast<const void*>(data_ + i * cols_ + begin);
+    detail::prefetch_bytes(p, n * static_cast<Index>(is_bf16() ? sizeof(bfloat16) : sizeof(Scalar)));
   }
 
   /// The whole table as a matrix (native tables only).

@@ -154,11 +154,7 @@ class ShardedExperts {
       const Scalar* g = in + d;
       Scalar* zs = out + d;
       std::fill(out, out + d, Scalar(0));
-      for (std::int64_t j = 0; j < c; ++j) {
-        if (Local::kPrefetchSlots > 0 && j + Local::kPrefetchSlots < c) table.prefetch(rows[j + Local::kPrefetchSlots]);
-        zs[j] = table.dot(rows[j], 0, in, d);
-        table.axpy(rows[j], d, g[j] * activate(act, zs[j]), out, d);
-      }
+      Local::forward_token(table, act, d, in, rows, g, static_cast<Index>(c), out, zs);
     });
     return_replies(e);
     // Requester: y_t = the owners' sums in ascending owner order; z from its owner.
@@ -209,16 +205,10 @@ class ShardedExperts {
       Scalar* dg = out + d;
       std::fill(out, out + d, Scalar(0));
       const std::int64_t first = e.recv_slot_begin[static_cast<std::size_t>(q)];
+      Local::backward_token(table, act, d, dyq, rows, g, zq, static_cast<Index>(c), out, dg,
+                            ws.coef_u.data() + first, ws.coef_v.data() + first);  // out: dx_part += dz u
       for (std::int64_t j = 0; j < c; ++j) {
-        if (Local::kPrefetchSlots > 0 && j + Local::kPrefetchSlots < c) table.prefetch(rows[j + Local::kPrefetchSlots]);
-        const Scalar dh = table.dot(rows[j], d, dyq, d);  // v . dy
-        const Scalar h = activate(act, zq[j]);
-        const Scalar dz = g[j] * activate_derivative(act, zq[j]) * dh;
-        dg[j] = h * dh;
-        table.axpy(rows[j], 0, dz, out, d);  // dx_part += dz u
         const auto item = static_cast<std::size_t>(first + j);
-        ws.coef_u[item] = dz;
-        ws.coef_v[item] = g[j] * h;
         ws.item_pair[item] = q;
         ws.keys(static_cast<Index>(item), 0) = rows[j];
       }
