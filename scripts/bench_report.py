@@ -718,10 +718,10 @@ def build_block(res, images, md_dir):
         return [f"![{alt}]({os.path.relpath(images[key], md_dir)})", ""] if key in images else []
 
     if res.meta.get("mode") == "storage":
-        begin, end, source, command = STORAGE_BEGIN, STORAGE_END, "build/bench/results/storage", "scripts/bench --storage"
+        begin, end, source, command = STORAGE_BEGIN, STORAGE_END, res.folder.as_posix(), "scripts/bench --storage"
         body = section_storage(res) + image("storage", "training-step tokens/s of every table storage and state")
     else:
-        begin, end, source, command = BEGIN, END, "build/bench/results", "scripts/bench"
+        begin, end, source, command = BEGIN, END, res.folder.as_posix(), "scripts/bench"
         body = (section_machine(res) + section_kernels(res) + section_retrieval(res) +
                 image("retrieval", "time per token against N, product keys and brute force") +
                 section_layers(res) + image("layers", "PEER and dense FFW tokens/s against N"))

@@ -98,10 +98,14 @@ TEST(SingleNeuronExperts, BackwardMatchesCentralDifferencesAndIsRowSparse) {
 
 // The kernels run two passes per token (all dots, then all axpys) for speed; the docs promise the results of
 // the plain loop that does dot-then-axpy slot by slot, bit for bit. That loop, on the same row primitives:
+// The table's row gradient as the backward sums it (each touched row from zero, its slots in (token, slot)
+// order, du += dz x_t, dv += g sigma(z) dy_t) is returned as (ascending ids, rows).
 template <typename S>
-void one_pass_reference(const peer::RowTable<S>& table, peer::Activation act, Index d, const Mat<S>& x,
-                        const peer::IdMatrix& ids, const Mat<S>& gates, const Mat<S>& dy, Mat<S>& y, Mat<S>& z,
-                        Mat<S>& dx, Mat<S>& dgates) {
+std::pair<std::vector<peer::ExpertId>, Mat<S>> one_pass_reference(
+    const peer::RowTable<S>& table, peer::Activation act, Index d, const peer::ConstMatrixRef<S>& x,
+    const peer::IdMatrix& ids, const Mat<S>& gates, const peer::ConstMatrixRef<S>& dy, Mat<S>& y, Mat<S>& z, Mat<S>& dx,
+    Mat<S>& dgates) {
+  Mat<S> coef_u(ids.rows(), ids.cols()), coef_v(ids.rows(), ids.cols());
   y.setZero();
   for (Index t = 0; t < x.rows(); ++t) {
     for (Index s = 0; s < ids.cols(); ++s) {
@@ -112,9 +116,34 @@ void one_pass_reference(const peer::RowTable<S>& table, peer::Activation act, In
       const S dh = table.dot(ids(t, s), d, dy.row(t).data(), d);
       const S dz = gates(t, s) * peer::activate_derivative(act, z(t, s)) * dh;
       dgates(t, s) = peer::activate(act, z(t, s)) * dh;
+      coef_u(t, s) = dz;
+      coef_v(t, s) = gates(t, s) * peer::activate(act, z(t, s));
       table.axpy(ids(t, s), 0, dz, dx.row(t).data(), d);
     }
   }
+  std::vector<peer::ExpertId> touched(ids.data(), ids.data() + ids.size());
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  Mat<S> rows(static_cast<Index>(touched.size()), 2 * d);
+  Mat<S> buffer(1, 2 * d);  // an aligned row, as the backward's own buffer
+  for (std::size_t r = 0; r < touched.size(); ++r) {
+    Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> row(buffer.data(), 2 * d);
+    row.setZero();
+    for (Index t = 0; t < ids.rows(); ++t) {
+      for (Index s = 0; s < ids.cols(); ++s) {
+        if (ids(t, s) != touched[r]) continue;
+        row.head(d) += coef_u(t, s) * x.row(t);
+        row.tail(d) += coef_v(t, s) * dy.row(t);
+      }
+    }
+    rows.row(static_cast<Index>(r)) = row;
+  }
+  return {touched, rows};
+}
+
+template <typename S>
+bool same_gradient(const peer::RowSparseGrad<S>& g, const std::pair<std::vector<peer::ExpertId>, Mat<S>>& ref) {
+  return g.ids() == ref.first && same_bits(Mat<S>(g.values()), ref.second);
 }
 
 template <typename S>
@@ -133,23 +162,26 @@ void two_passes_equal_one_pass(peer::TableStorage storage) {
   typename peer::SingleNeuronExperts<S>::Workspace ws;
   experts.forward(params, x, ids, gates, y, z);
   experts.backward(params, x, ids, gates, z, dy, dx, dgates, grads, ws);
-  one_pass_reference(params.table(experts.table_handle()), peer::Activation::kGelu, d, x, ids, gates, dy, y_ref,
-                     z_ref, dx_ref, dgates_ref);
+  const auto grad_ref = one_pass_reference<S>(params.table(experts.table_handle()), peer::Activation::kGelu, d, x, ids,
+                                              gates, dy, y_ref, z_ref, dx_ref, dgates_ref);
   EXPECT_TRUE(same_bits(y, y_ref));
   EXPECT_TRUE(same_bits(z, z_ref));
   EXPECT_TRUE(same_bits(dx, dx_ref));
   EXPECT_TRUE(same_bits(dgates, dgates_ref));
-  // Without dx (no rows): the same gate gradients.
+  EXPECT_TRUE(same_gradient(grads.table(experts.table_handle()), grad_ref));
+  // Without dx (no rows): the same gate and row gradients.
   Mat<S> no_dx(0, d), dgates_alone(b, slots);
   grads.zero();
   experts.backward(params, x, ids, gates, z, dy, no_dx, dgates_alone, grads, ws);
   EXPECT_TRUE(same_bits(dgates_alone, dgates_ref));
+  EXPECT_TRUE(same_gradient(grads.table(experts.table_handle()), grad_ref));
 }
 
 TEST(SingleNeuronExperts, TwoPassKernelsEqualTheOnePassLoopBitForBit) {
   two_passes_equal_one_pass<float>(peer::TableStorage::kNative);
   two_passes_equal_one_pass<float>(peer::TableStorage::kBFloat16);
   two_passes_equal_one_pass<double>(peer::TableStorage::kNative);
+  two_passes_equal_one_pass<double>(peer::TableStorage::kBFloat16);
 }
 
 TEST(SingleNeuronExperts, RejectsIdsOutsideThePool) {

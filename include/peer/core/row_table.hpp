@@ -16,6 +16,7 @@
 
 #include "peer/core/aligned_buffer.hpp"
 #include "peer/core/bfloat16.hpp"
+#include "peer/core/error.hpp"
 #include "peer/core/types.hpp"
 
 namespace peer {
@@ -24,13 +25,15 @@ namespace peer {
 /// off). Whether it pays depends on the machine: on an AVX2 EPYC host it made the expert forward about 25%
 /// faster at D = 256 (2 ahead; 1 or 4 gained nothing); on an AVX-512 Xeon host (AMX, the kind
 /// ../shared/MACHINE.md describes) the fused expert kernels ran 1-7% faster with it, while a plain row
-/// gather without compute lost up to 22% at D = 512 (docs/benchmarks.md has the figures). Define it before
-/// including peer headers to override the default.
+/// gather without compute lost up to 22% at D = 512 (docs/benchmarks.md has the figures; all measured
+/// when the expert kernels still read each row in one pass per slot). Define it before including peer
+/// headers to override the default.
 #ifndef PEER_PREFETCH_ROWS
 #define PEER_PREFETCH_ROWS 2
 #endif
 /// Where those requests load to: 2 = L2 (prefetcht1, the default), 3 = L1 (prefetcht0). A row is 8-32
-/// lines and two rows in flight overflow the L1's few miss buffers; on the AMD EPYC AVX-512 host the
+/// lines (the expert kernels now prefetch half a row at a time) and two rows in flight overflow the L1's few
+/// miss buffers; on the AMD EPYC AVX-512 host the
 /// expert forward at D = 256 ran faster with L2 requests (docs/benchmarks.md, "Row prefetching restored").
 #ifndef PEER_PREFETCH_LOCALITY
 #define PEER_PREFETCH_LOCALITY 2
@@ -44,7 +47,11 @@ namespace detail {
 /// loop whose only statements are __builtin_prefetch calls when its trip count is not a constant (the
 /// loop has no side effects to it), so the builtin version issued nothing at all for rows of run-time size.
 inline void prefetch_bytes(const void* p, Index bytes) {
-  const char* c = static_cast<const char*>(p);
+  // From the start of the line holding the first byte, so that a range that does not start on a line
+  // boundary (half a row of an odd width) still has its last line requested.
+  const Index lead = static_cast<Index>(reinterpret_cast<std::uintptr_t>(p) & 63u);
+  const char* c = static_cast<const char*>(p) - lead;
+  bytes += lead;
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
   for (Index off = 0; off < bytes; off += 64) {
 #if PEER_PREFETCH_LOCALITY == 2
@@ -173,8 +180,10 @@ class RowTable {
 
   /// Asks the CPU to start loading row i (every cache line of it); see PEER_PREFETCH_ROWS.
   void prefetch(Index i) const { prefetch(i, 0, cols_); }
-  /// The same for columns [begin, begin + n) of row i only (the u or the v half of an expert's row).
+  /// The same for columns [begin, begin + n) of row i only (the u or the v half of an expert's row);
+  /// 0 <= begin and begin + n <= cols().
   void prefetch(Index i, Index begin, Index n) const {
+    PEER_ASSERT(begin >= 0 && n >= 0 && begin + n <= cols_);
     const void* p = is_bf16() ? static_cast<const void*>(bf16_ + i * cols_ + begin) : static_cast<const void*>(data_ + i * cols_ + begin);
     detail::prefetch_bytes(p, n * static_cast<Index>(is_bf16() ? sizeof(bfloat16) : sizeof(Scalar)));
   }
