@@ -615,64 +615,68 @@ TEST(Bf16Tables, CheckpointsAndSafetensorsCarryBf16TablesAndMasterRowsBitForBit)
 // Double-precision Adam with a variant's state against the equations written as naive loops, 6 steps of
 // sparse gradients, both weight-decay modes.
 TEST(TableState, PartialRowWiseAdamAndRowWiseAdagradEqualNaiveLoops) {
-  for (auto rule : {peer::TableOptimizer::kPartialRowWiseAdam, peer::TableOptimizer::kRowWiseAdagrad}) {
-    for (auto decay : {peer::WeightDecay::kL2, peer::WeightDecay::kDecoupled}) {
-      peer::ParameterLayout l(8);
-      l.add_table("experts", 12, 5);
-      peer::Parameters<double> p(l);
-      peer::Gradients<double> g(l);
-      const Mat<double> init = peer_test::random_matrix<double>(12, 5, 2);
-      std::copy(init.data(), init.data() + init.size(), p.table(peer::TableHandle{0}).data());
-      std::vector<peer::ParamGroup> groups{peer::ParamGroup{"experts", {""}, 0.05, 0.1, peer::LrSchedule(), peer::GroupKinds::kAll}};
-      groups[0].table_optimizer = rule;
-      peer::AdamConfig config{0.9, 0.99, 1e-8, decay};
-      peer::Adam<double> adam(l, groups, config);
-      Mat<double> ref = init, m = Mat<double>::Zero(12, 5);
-      std::vector<double> v(12, 0.0);
-      std::vector<int> t(12, 0);
-      for (int step = 1; step <= 6; ++step) {
-        std::vector<peer::ExpertId> ids;
-        for (int k = 0; k < 4; ++k) ids.push_back(static_cast<peer::ExpertId>((5 * step + 3 * k) % 12));
-        std::sort(ids.begin(), ids.end());
-        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-        const Mat<double> grad = peer_test::random_matrix<double>(static_cast<Index>(ids.size()), 5, static_cast<unsigned>(step));
-        g.zero();
-        g.table(peer::TableHandle{0}).add(ids, grad.data());
-        adam.step(p, g);
-        for (std::size_t i = 0; i < ids.size(); ++i) {
-          const Index r = ids[i];
-          ++t[static_cast<std::size_t>(r)];
-          const bool decoupled = decay == peer::WeightDecay::kDecoupled;
-          double mean_sq = 0;
-          std::vector<double> gj(5);
-          for (Index j = 0; j < 5; ++j) {
-            gj[static_cast<std::size_t>(j)] = grad(static_cast<Index>(i), j) + (decoupled ? 0.0 : 0.1 * ref(r, j));
-            mean_sq += gj[static_cast<std::size_t>(j)] * gj[static_cast<std::size_t>(j)] / 5.0;
-          }
-          double& vr = v[static_cast<std::size_t>(r)];
-          if (rule == peer::TableOptimizer::kRowWiseAdagrad) {
-            vr += mean_sq;
-          } else {
-            vr = 0.99 * vr + 0.01 * mean_sq;
-          }
-          for (Index j = 0; j < 5; ++j) {
-            if (decoupled) ref(r, j) -= 0.05 * 0.1 * ref(r, j);
+  // Widths: a tail alone; four blocks and a tail; five blocks (the per-row sum of squares runs four
+  // accumulators over whole groups of four blocks, then the remaining blocks, then the tail).
+  for (const Index cols : {Index{5}, Index{67}, Index{80}}) {
+    for (auto rule : {peer::TableOptimizer::kPartialRowWiseAdam, peer::TableOptimizer::kRowWiseAdagrad}) {
+      for (auto decay : {peer::WeightDecay::kL2, peer::WeightDecay::kDecoupled}) {
+        peer::ParameterLayout l(8);
+        l.add_table("experts", 12, cols);
+        peer::Parameters<double> p(l);
+        peer::Gradients<double> g(l);
+        const Mat<double> init = peer_test::random_matrix<double>(12, cols, 2);
+        std::copy(init.data(), init.data() + init.size(), p.table(peer::TableHandle{0}).data());
+        std::vector<peer::ParamGroup> groups{peer::ParamGroup{"experts", {""}, 0.05, 0.1, peer::LrSchedule(), peer::GroupKinds::kAll}};
+        groups[0].table_optimizer = rule;
+        peer::AdamConfig config{0.9, 0.99, 1e-8, decay};
+        peer::Adam<double> adam(l, groups, config);
+        Mat<double> ref = init, m = Mat<double>::Zero(12, cols);
+        std::vector<double> v(12, 0.0);
+        std::vector<int> t(12, 0);
+        for (int step = 1; step <= 6; ++step) {
+          std::vector<peer::ExpertId> ids;
+          for (int k = 0; k < 4; ++k) ids.push_back(static_cast<peer::ExpertId>((5 * step + 3 * k) % 12));
+          std::sort(ids.begin(), ids.end());
+          ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+          const Mat<double> grad = peer_test::random_matrix<double>(static_cast<Index>(ids.size()), cols, static_cast<unsigned>(step));
+          g.zero();
+          g.table(peer::TableHandle{0}).add(ids, grad.data());
+          adam.step(p, g);
+          for (std::size_t i = 0; i < ids.size(); ++i) {
+            const Index r = ids[i];
+            ++t[static_cast<std::size_t>(r)];
+            const bool decoupled = decay == peer::WeightDecay::kDecoupled;
+            double mean_sq = 0;
+            std::vector<double> gj(static_cast<std::size_t>(cols));
+            for (Index j = 0; j < cols; ++j) {
+              gj[static_cast<std::size_t>(j)] = grad(static_cast<Index>(i), j) + (decoupled ? 0.0 : 0.1 * ref(r, j));
+              mean_sq += gj[static_cast<std::size_t>(j)] * gj[static_cast<std::size_t>(j)] / static_cast<double>(cols);
+            }
+            double& vr = v[static_cast<std::size_t>(r)];
             if (rule == peer::TableOptimizer::kRowWiseAdagrad) {
-              ref(r, j) -= 0.05 * gj[static_cast<std::size_t>(j)] / (std::sqrt(vr) + 1e-8);
+              vr += mean_sq;
             } else {
-              const int tr = t[static_cast<std::size_t>(r)];
-              m(r, j) = 0.9 * m(r, j) + 0.1 * gj[static_cast<std::size_t>(j)];
-              ref(r, j) -= 0.05 * (m(r, j) / (1 - std::pow(0.9, tr))) / (std::sqrt(vr / (1 - std::pow(0.99, tr))) + 1e-8);
+              vr = 0.99 * vr + 0.01 * mean_sq;
+            }
+            for (Index j = 0; j < cols; ++j) {
+              if (decoupled) ref(r, j) -= 0.05 * 0.1 * ref(r, j);
+              if (rule == peer::TableOptimizer::kRowWiseAdagrad) {
+                ref(r, j) -= 0.05 * gj[static_cast<std::size_t>(j)] / (std::sqrt(vr) + 1e-8);
+              } else {
+                const int tr = t[static_cast<std::size_t>(r)];
+                m(r, j) = 0.9 * m(r, j) + 0.1 * gj[static_cast<std::size_t>(j)];
+                ref(r, j) -= 0.05 * (m(r, j) / (1 - std::pow(0.9, tr))) / (std::sqrt(vr / (1 - std::pow(0.99, tr))) + 1e-8);
+              }
             }
           }
+          const auto got = p.table(peer::TableHandle{0}).matrix();
+          ASSERT_LE((got - ref).cwiseAbs().maxCoeff(), 1e-13) << to_string(rule) << " cols " << cols << " step " << step;
         }
-        const auto got = p.table(peer::TableHandle{0}).matrix();
-        ASSERT_LE((got - ref).cwiseAbs().maxCoeff(), 1e-13) << to_string(rule) << " step " << step;
+        // The state has the rule's shape: [N, 1] per-row accumulators, and m only for Adam.
+        const auto state = adam.state_tensors();
+        ASSERT_EQ(state.size(), rule == peer::TableOptimizer::kRowWiseAdagrad ? 1u : 2u);
+        EXPECT_EQ(state.back().cols, 1);
       }
-      // The state has the rule's shape: [N, 1] per-row accumulators, and m only for Adam.
-      const auto state = adam.state_tensors();
-      ASSERT_EQ(state.size(), rule == peer::TableOptimizer::kRowWiseAdagrad ? 1u : 2u);
-      EXPECT_EQ(state.back().cols, 1);
     }
   }
 }

@@ -120,12 +120,17 @@ inline __m512 widen16(const bfloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 // 16 floats' bit patterns -> 16 bf16 given the 32-bit sums to truncate; NaN lanes get the quiet NaN.
+// One compare finds NaN lanes; the blend that replaces them runs only when there is one (never in a
+// healthy update, and it was a third of a stochastic rounding's vector work).
 inline void narrow16_store(__m512i bits, __m512i sums, bfloat16* out) {
-  const __m512i abs = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
-  const __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x8000)),
-                                       _mm512_set1_epi32(0x7fc0));
-  const __m512i r = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(sums, 16), qnan);
+  __m512i r = _mm512_srli_epi32(sums, 16);
+  const __m512 x = _mm512_castsi512_ps(bits);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(nan != 0, 0)) {
+    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x8000)),
+                                         _mm512_set1_epi32(0x7fc0));
+    r = _mm512_mask_blend_epi32(nan, r, qnan);
+  }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
 }
 inline __m512i hash16(__m512i x) {
@@ -135,26 +140,35 @@ inline __m512i hash16(__m512i x) {
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bu)));
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-// The draws of 16 columns from 16 pair hashes h (pair i in lane i): columns 2i and 2i + 1 of the pairs
-// [8 half, 8 half + 8) take the high and the low 16 bits of h_i.
-inline __m512i pair_bits16(__m512i h, int half) {
-  const __m512i pair = _mm512_add_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), _mm512_set1_epi32(8 * half));
-  const __m512i shift = _mm512_setr_epi32(16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0);
-  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pair, h), shift), _mm512_set1_epi32(0xffff));
+// The draws of the 32 columns [2 pair, 2 pair + 32) of stream s, as two blocks of 16: the 16 pair
+// hashes h_i, then columns 2i and 2i + 1 take the high and the low 16 bits of h_i. Rotating each lane by
+// 16 puts the high half in the lane's first word, so widening the words in memory order gives the draws
+// in column order (two widenings instead of a permute, a variable shift and a mask per block).
+inline void pair_draws32(RoundingStream s, std::uint32_t pair, __m512i& first, __m512i& second) {
+  const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)));
+  const std::uint32_t base = s.key + pair * 0x9e3779b9u;
+  const __m512i swapped = _mm512_rol_epi32(hash16(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane)), 16);
+  first = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(swapped));
+  second = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(swapped, 1));
 }
 #elif defined(__AVX2__)
 inline __m256 widen8(const bfloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-// 8 lanes: the truncated (>> 16) result, NaN lanes replaced by the quiet NaN.
+// 8 lanes: the truncated (>> 16) result, NaN lanes replaced by the quiet NaN (the blend only when a lane
+// is NaN, as narrow16_store).
 inline __m256i narrow8(__m256i bits, __m256i sums) {
-  const __m256i abs = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
-  // Signed compare is safe: abs has the sign bit clear.
-  const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
-  const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
-                                       _mm256_set1_epi32(0x7fc0));
-  return _mm256_blendv_epi8(_mm256_srli_epi32(sums, 16), qnan, nan);
+  __m256i r = _mm256_srli_epi32(sums, 16);
+  const __m256 x = _mm256_castsi256_ps(bits);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
+                                         _mm256_set1_epi32(0x7fc0));
+    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(nan));
+  }
+  return r;
 }
 // Two 8-lane results (each < 2^16) -> 16 bf16 in order.
 inline void store16(__m256i lo, __m256i hi, bfloat16* out) {
@@ -168,11 +182,16 @@ inline __m256i hash8(__m256i x) {
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bu)));
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
-// The draws of 8 columns from 8 pair hashes h: columns 2i and 2i + 1 of the pairs [4 half, 4 half + 4).
-inline __m256i pair_bits8(__m256i h, int half) {
-  const __m256i pair = _mm256_add_epi32(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_set1_epi32(4 * half));
-  const __m256i shift = _mm256_setr_epi32(16, 0, 16, 0, 16, 0, 16, 0);
-  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(h, pair), shift), _mm256_set1_epi32(0xffff));
+// The draws of the 16 columns [2 pair, 2 pair + 16) of stream s, as two blocks of 8 (as pair_draws32:
+// swapping each hash's 16-bit halves, a byte shuffle, then widening the words in order).
+inline void pair_draws16(RoundingStream s, std::uint32_t pair, __m256i& first, __m256i& second) {
+  const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(0x9e3779b9u)));
+  const std::uint32_t base = s.key + pair * 0x9e3779b9u;
+  const __m256i h = hash8(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lane));
+  const __m256i swapped = _mm256_shuffle_epi8(h, _mm256_setr_epi8(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13,
+                                                                  2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  first = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(swapped));
+  second = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(swapped, 1));
 }
 #endif
 
@@ -227,27 +246,23 @@ inline void narrow_row_stochastic(const float* in, bfloat16* out, Index n, Round
   }
 #endif
 #if defined(__AVX512F__)
-  const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)));
-  // 16 hashes serve 32 columns, or the last 16.
+  // One pair_draws32 serves 32 columns, or the last 16.
   for (; j + 16 <= n;) {
-    const std::uint32_t base = stream.key + ((first + static_cast<std::uint32_t>(j)) >> 1) * 0x9e3779b9u;
-    const __m512i h = hash16(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane));
+    __m512i draws[2];
+    pair_draws32(stream, (first + static_cast<std::uint32_t>(j)) >> 1, draws[0], draws[1]);
     for (int half = 0; half < 2 && j + 16 <= n; ++half, j += 16) {
       const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(in + j));
-      narrow16_store(b, _mm512_add_epi32(b, pair_bits16(h, half)), out + j);
+      narrow16_store(b, _mm512_add_epi32(b, draws[half]), out + j);
     }
   }
 #elif defined(__AVX2__)
-  const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(0x9e3779b9u)));
-  // 8 hashes serve 16 columns.
   for (; j + 16 <= n; j += 16) {
-    const std::uint32_t base = stream.key + ((first + static_cast<std::uint32_t>(j)) >> 1) * 0x9e3779b9u;
-    const __m256i h = hash8(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lane));
+    __m256i draws[2];
+    pair_draws16(stream, (first + static_cast<std::uint32_t>(j)) >> 1, draws[0], draws[1]);
     __m256i res[2];
     for (int half = 0; half < 2; ++half) {
       const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(in + j + 8 * half));
-      res[half] = narrow8(b, _mm256_add_epi32(b, pair_bits8(h, half)));
+      res[half] = narrow8(b, _mm256_add_epi32(b, draws[half]));
     }
     store16(res[0], res[1], out + j);
   }

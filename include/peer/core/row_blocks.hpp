@@ -90,16 +90,13 @@ class Bf16RowBlocks {
 #if defined(__AVX512F__)
       const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(x.data()));
       if (stochastic_) {
-        // As narrow_row_stochastic: the 16 pair hashes of columns [32 i, 32 i + 32) serve two blocks.
+        // As narrow_row_stochastic: one pair_draws32 serves two blocks.
         const Index pair_block = j / (2 * kRowBlock);
-        if (pair_block != hashed_block_) {
-          const std::uint32_t base = stream_.key + static_cast<std::uint32_t>(pair_block * kRowBlock) * 0x9e3779b9u;
-          const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(static_cast<int>(0x9e3779b9u)));
-          hashes_ = hash16(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lane));
-          hashed_block_ = pair_block;
+        if (pair_block != drawn_block_) {
+          pair_draws32(stream_, static_cast<std::uint32_t>(pair_block * kRowBlock), draws_[0], draws_[1]);
+          drawn_block_ = pair_block;
         }
-        narrow16_store(b, _mm512_add_epi32(b, pair_bits16(hashes_, static_cast<int>((j / kRowBlock) & 1))), row_ + j);
+        narrow16_store(b, _mm512_add_epi32(b, draws_[(j / kRowBlock) & 1]), row_ + j);
       } else {
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
         narrow16_store(b, _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), row_ + j);
@@ -107,16 +104,11 @@ class Bf16RowBlocks {
       return;
 #elif defined(__AVX2__)
       __m256i r[2];
-      __m256i h = _mm256_setzero_si256();
-      if (stochastic_) {
-        // As narrow_row_stochastic: 8 pair hashes serve the block's 16 columns.
-        const std::uint32_t base = stream_.key + static_cast<std::uint32_t>(j >> 1) * 0x9e3779b9u;
-        const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(0x9e3779b9u)));
-        h = hash8(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lane));
-      }
+      __m256i draws[2];
+      if (stochastic_) pair_draws16(stream_, static_cast<std::uint32_t>(j >> 1), draws[0], draws[1]);  // as narrow_row_stochastic
       for (int half = 0; half < 2; ++half) {
         const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(x.data() + 8 * half));
-        const __m256i add = stochastic_ ? pair_bits8(h, half)
+        const __m256i add = stochastic_ ? draws[half]
                                         : _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)));
         r[half] = narrow8(b, _mm256_add_epi32(b, add));
       }
@@ -139,8 +131,8 @@ class Bf16RowBlocks {
   bool stochastic_;
   RoundingStream stream_;
 #if defined(__AVX512F__)
-  Index hashed_block_ = -1;
-  __m512i hashes_ = _mm512_setzero_si512();
+  Index drawn_block_ = -1;              // the pair of blocks draws_ holds
+  __m512i draws_[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
 #endif
 };
 

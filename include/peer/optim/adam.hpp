@@ -282,20 +282,28 @@ class Adam : public detail::OptimizerCore<Scalar> {
     p -= c.lr * (m * c.inv_c1) / ((v * c.inv_c2).sqrt() + c.eps);
   }
 
-  // mean_j g'_j^2 of one row (g' = g, plus wd p for L2 decay), in blocks of kBlock lanes summed at the end
-  // in lane order: vectorized, and the same for any alignment, thread or path (fused or not).
+  // mean_j g'_j^2 of one row (g' = g, plus wd p for L2 decay): blocks of kBlock lanes into four
+  // accumulators in turn (four independent FMA chains: one chain waited on the FMA's latency and was a third
+  // of the row update), combined as (a0 + a1) + (a2 + a3), the lanes summed as a tree, then the tail. A
+  // fixed order whatever the row's alignment, thread or path (fused or not).
   template <typename Row>
   static Scalar mean_square(const Coefficients& c, const Row& p, const Scalar* g, Index cols) {
     using ConstBlockMap = Eigen::Map<const Block>;
-    Block acc = Block::Zero();
-    Index j = 0;
-    for (; j + kBlock <= cols; j += kBlock) {
+    auto square = [&](Index j) {
       Block gj = ConstBlockMap(g + j);
       if (!c.decoupled) gj += c.wd * p.load(j);
-      acc += gj * gj;
+      return Block(gj * gj);
+    };
+    Block acc[4] = {Block::Zero(), Block::Zero(), Block::Zero(), Block::Zero()};
+    Index j = 0;
+    for (; j + 4 * kBlock <= cols; j += 4 * kBlock) {
+      for (int a = 0; a < 4; ++a) acc[a] += square(j + a * kBlock);
     }
-    Scalar sum = 0;
-    for (Index l = 0; l < kBlock; ++l) sum += acc[l];
+    for (int a = 0; j + kBlock <= cols; j += kBlock, ++a) acc[a] += square(j);
+    const Block total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    const Eigen::Array<Scalar, kBlock / 2, 1> half = total.template head<kBlock / 2>() + total.template tail<kBlock / 2>();
+    const Eigen::Array<Scalar, kBlock / 4, 1> quarter = half.template head<kBlock / 4>() + half.template tail<kBlock / 4>();
+    Scalar sum = (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
     for (; j < cols; ++j) {
       const Scalar gj = c.decoupled ? g[j] : g[j] + c.wd * p.get(j);
       sum += gj * gj;
