@@ -42,7 +42,6 @@
 #include "peer/core/error.hpp"
 #include "peer/core/gemm.hpp"
 #include "peer/core/gradients.hpp"
-#include "peer/core/key_groups.hpp"
 #include "peer/core/parallel.hpp"
 #include "peer/core/parameters.hpp"
 #include "peer/core/random.hpp"
@@ -96,9 +95,8 @@ class ProductKeyRetrieval {
   /// Scratch of search and backward, owned by the caller (a layer keeps it in its cache).
   struct Workspace {
     std::vector<TileScratch> tiles;  // one per thread
-    std::vector<std::int32_t> keys;  // backward: item -> sub-key row
-    detail::KeyGroups groups;
-    RowMatrix<Scalar> rows;          // backward: summed sub-key rows of one group set
+    RowMatrix<Scalar> rows[2];             // backward: the summed sub-key rows of each side
+    std::vector<char> touched[2];          // backward: which of them some item kept
     Index fallbacks = 0;             // queries of the last search that needed the exact tie enumeration
     std::vector<Index> thread_fallbacks;  // per-thread counts of the last search
     detail::Bf16SubKeys bf16_keys[2];     // kBFloat16Checked: both sub-key sets, rounded and packed per search
@@ -259,6 +257,7 @@ class ProductKeyRetrieval {
     const auto left = params.dense(left_);
     const auto right = params.dense(right_);
     const bool per_head = config_.key_sharing == KeySharing::kPerHead;
+    const std::uint32_t un = static_cast<std::uint32_t>(n);  // ids are checked in [0, n^2): 32-bit division
     // dq: each token's rows are its own.
     parallel_for(b_count, 64, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
@@ -266,39 +265,47 @@ class ProductKeyRetrieval {
           const Index offset = per_head ? h * n : 0;
           for (Index j = 0; j < k; ++j) {
             const Scalar ds = dscores(t, h * k + j);
-            const ExpertId id = ids(t, h * k + j);
-            dqueries.row(t).segment(h * dk, half) += ds * left.row(offset + id / n);
-            dqueries.row(t).segment(h * dk + half, half) += ds * right.row(offset + id % n);
+            const std::uint32_t id = static_cast<std::uint32_t>(ids(t, h * k + j));
+            dqueries.row(t).segment(h * dk, half) += ds * left.row(offset + static_cast<Index>(id / un));
+            dqueries.row(t).segment(h * dk + half, half) += ds * right.row(offset + static_cast<Index>(id % un));
           }
         }
       }
     });
-    // Sub-keys: group the B * H * k items by the row they touch, then sum each row in item order.
-    const Index items = b_count * h_count * k;
-    for (int side = 0; side < 2; ++side) {
-      ws.keys.resize(static_cast<std::size_t>(items));
-      for (Index i = 0; i < items; ++i) {
-        const Index t = i / (h_count * k), h = (i / k) % h_count;
-        const ExpertId id = ids(t, h * k + i % k);
-        ws.keys[static_cast<std::size_t>(i)] =
-            static_cast<std::int32_t>((per_head ? h * n : 0) + (side == 0 ? id / n : id % n));
-      }
-      detail::group_by_key(ws.keys.data(), items, sub_key_rows(), ws.groups);
-      const detail::KeyGroups& g = ws.groups;
-      ws.rows.setZero(g.num_groups(), half);
-      parallel_for(g.num_groups(), 64, [&](Index g0, Index g1, int) {
-        for (Index gi = g0; gi < g1; ++gi) {
-          auto acc = ws.rows.row(gi);
-          for (std::int64_t p = g.starts[gi]; p < g.starts[gi + 1]; ++p) {
-            const Index i = g.order[static_cast<std::size_t>(p)];
-            const Index t = i / (h_count * k), h = (i / k) % h_count;
-            acc += dscores(t, h * k + i % k) * queries.row(t).segment(h * dk + side * half, half);
+    // Sub-keys: dc_r = sum, over the items i that kept row r, in ascending i, of ds_i times the item's query
+    // half. The items are visited in order, token by token, so each token's query row is read once and in
+    // order (grouping the items by row first made every item a random load of a query row from a matrix
+    // larger than L2). One thread sums one side, the whole side: every row over its items in ascending
+    // order, bitwise the same for any thread count. Only the rows some item kept are added to the gradient.
+    const Index rows = sub_key_rows();
+    for (int side = 0; side < 2; ++side) {  // sized before the loop, which must not allocate (or throw)
+      ws.rows[side].resize(rows, half);
+      ws.touched[side].resize(static_cast<std::size_t>(rows));
+    }
+    parallel_for(2, 1, [&](Index side, Index, int) {
+      RowMatrix<Scalar>& acc = ws.rows[side];
+      std::vector<char>& touched = ws.touched[side];
+      std::fill(touched.begin(), touched.end(), char{0});  // a row is zeroed when first kept: work ~ items
+      for (Index t = 0; t < b_count; ++t) {
+        for (Index h = 0; h < h_count; ++h) {
+          const Index offset = per_head ? h * n : 0;
+          const auto q = queries.row(t).segment(h * dk + side * half, half);
+          for (Index j = 0; j < k; ++j) {
+            const std::uint32_t id = static_cast<std::uint32_t>(ids(t, h * k + j));
+            const Index r = offset + static_cast<Index>(side == 0 ? id / un : id % un);
+            if (touched[static_cast<std::size_t>(r)] == 0) {
+              acc.row(r).setZero();
+              touched[static_cast<std::size_t>(r)] = 1;
+            }
+            acc.row(r) += dscores(t, h * k + j) * q;
           }
         }
-      });
+      }
       auto grad = grads.dense(side == 0 ? left_ : right_);
-      for (Index gi = 0; gi < g.num_groups(); ++gi) grad.row(g.keys[static_cast<std::size_t>(gi)]) += ws.rows.row(gi);
-    }
+      for (Index r = 0; r < rows; ++r) {
+        if (touched[static_cast<std::size_t>(r)] != 0) grad.row(r) += acc.row(r);
+      }
+    });
   }
 
   /// Sizes the per-thread scratch (called by search; public for the brute-force oracle).
