@@ -311,7 +311,8 @@ void BM_Bf16NarrowRows(benchmark::State& state) {
 }
 
 // The table update of one optimizer step on a bf16 table of 256 rows of 512 columns (256 KiB of rows,
-// 512 KiB of gradient: in L2, so the update's arithmetic is what is measured, not the row traffic), every
+// 512 KiB of gradient, 1 MiB of moments for Adam: in a 2 MiB L2, so the update's arithmetic is what is
+// measured, not the row traffic), every
 // row touched, one thread. args: rule (0 Adam with float moments, 1 row-wise Adagrad), rounding
 // (0 nearest, 1 stochastic).
 void BM_Bf16TableUpdate(benchmark::State& state) {

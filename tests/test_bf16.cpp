@@ -615,9 +615,10 @@ TEST(Bf16Tables, CheckpointsAndSafetensorsCarryBf16TablesAndMasterRowsBitForBit)
 // Double-precision Adam with a variant's state against the equations written as naive loops, 6 steps of
 // sparse gradients, both weight-decay modes.
 TEST(TableState, PartialRowWiseAdamAndRowWiseAdagradEqualNaiveLoops) {
-  // Widths: a tail alone; four blocks and a tail; five blocks (the per-row sum of squares runs four
-  // accumulators over whole groups of four blocks, then the remaining blocks, then the tail).
-  for (const Index cols : {Index{5}, Index{67}, Index{80}}) {
+  // Widths: a tail alone; three blocks (no group of four); four blocks and a tail; five blocks; seven
+  // blocks and a tail (the per-row sum of squares runs four accumulators over whole groups of four blocks,
+  // then the remaining blocks into the first accumulators in turn, then the tail).
+  for (const Index cols : {Index{5}, Index{48}, Index{67}, Index{80}, Index{115}}) {
     for (auto rule : {peer::TableOptimizer::kPartialRowWiseAdam, peer::TableOptimizer::kRowWiseAdagrad}) {
       for (auto decay : {peer::WeightDecay::kL2, peer::WeightDecay::kDecoupled}) {
         peer::ParameterLayout l(8);

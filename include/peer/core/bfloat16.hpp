@@ -120,12 +120,12 @@ inline __m512 widen16(const bfloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 // 16 floats' bit patterns -> 16 bf16 given the 32-bit sums to truncate; NaN lanes get the quiet NaN.
-// One compare finds NaN lanes; the blend that replaces them runs only when there is one (never in a
-// healthy update, and it was a third of a stochastic rounding's vector work).
+// NaN lanes are found on the bit patterns (|bits| > inf: a float compare would be folded away under
+// -ffinite-math-only, docs/reliability.md); the blend that replaces them runs only when there is one (never
+// in a healthy update; it was a third of a stochastic rounding's vector work).
 inline void narrow16_store(__m512i bits, __m512i sums, bfloat16* out) {
   __m512i r = _mm512_srli_epi32(sums, 16);
-  const __m512 x = _mm512_castsi512_ps(bits);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
   if (__builtin_expect(nan != 0, 0)) {
     const __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x8000)),
                                          _mm512_set1_epi32(0x7fc0));
@@ -157,16 +157,16 @@ inline __m256 widen8(const bfloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-// 8 lanes: the truncated (>> 16) result, NaN lanes replaced by the quiet NaN (the blend only when a lane
-// is NaN, as narrow16_store).
+// 8 lanes: the truncated (>> 16) result, NaN lanes replaced by the quiet NaN (found and blended as in
+// narrow16_store).
 inline __m256i narrow8(__m256i bits, __m256i sums) {
   __m256i r = _mm256_srli_epi32(sums, 16);
-  const __m256 x = _mm256_castsi256_ps(bits);
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  if (__builtin_expect(_mm256_movemask_ps(nan) != 0, 0)) {
+  // Signed compare is safe: the masked value has the sign bit clear.
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  if (__builtin_expect(_mm256_movemask_epi8(nan) != 0, 0)) {
     const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
                                          _mm256_set1_epi32(0x7fc0));
-    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(nan));
+    r = _mm256_blendv_epi8(r, qnan, nan);
   }
   return r;
 }

@@ -282,6 +282,7 @@ class ProductKeyRetrieval {
       ws.rows[side].resize(rows, half);
       ws.touched[side].resize(static_cast<std::size_t>(rows));
     }
+    MatrixMap<Scalar> grad[2] = {grads.dense(left_), grads.dense(right_)};
     parallel_for(2, 1, [&](Index side, Index, int) {
       RowMatrix<Scalar>& acc = ws.rows[side];
       std::vector<char>& touched = ws.touched[side];
@@ -301,9 +302,8 @@ class ProductKeyRetrieval {
           }
         }
       }
-      auto grad = grads.dense(side == 0 ? left_ : right_);
       for (Index r = 0; r < rows; ++r) {
-        if (touched[static_cast<std::size_t>(r)] != 0) grad.row(r) += acc.row(r);
+        if (touched[static_cast<std::size_t>(r)] != 0) grad[side].row(r) += acc.row(r);
       }
     });
   }
