@@ -6,10 +6,10 @@
 /// Grouping items by an integer key: the reverse index behind every deterministic scatter-add.
 ///
 /// Backward passes produce one contribution per (token, head, slot) to some row of a table (an expert's row
-/// or a product-key memory's value row). Instead of atomics or per-thread copies, the items are grouped by row with a stable radix
-/// sort; each row is then summed by one thread over its items in ascending item order. The sum order
-/// depends only on the data, so gradients are bitwise identical for any thread count. Cost O(M) per
-/// 11-bit digit of the key range, memory O(M): never O(number of rows).
+/// or a product-key memory's value row). Instead of atomics or per-thread copies, the items are grouped by
+/// row with a stable radix sort; each row is then summed by one thread over its items in ascending item
+/// order. The sum order depends only on the data, so gradients are bitwise identical for any thread
+/// count. Cost O(M) per 11-bit digit of the key range, memory O(M): never O(number of rows).
 
 #include <algorithm>
 #include <cstdint>

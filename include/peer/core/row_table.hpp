@@ -32,9 +32,9 @@ namespace peer {
 #define PEER_PREFETCH_ROWS 2
 #endif
 /// Where those requests load to: 2 = L2 (prefetcht1, the default), 3 = L1 (prefetcht0). A row is 8-32
-/// lines (the expert kernels now prefetch half a row at a time) and two rows in flight overflow the L1's few
-/// miss buffers; on the AMD EPYC AVX-512 host the
-/// expert forward at D = 256 ran faster with L2 requests (docs/benchmarks.md, "Row prefetching restored").
+/// lines (the expert kernels now prefetch half a row at a time) and two rows in flight overflow the L1's
+/// few miss buffers; on the AMD EPYC AVX-512 host the expert forward at D = 256 ran faster with L2
+/// requests (docs/benchmarks.md, "Row prefetching restored").
 #ifndef PEER_PREFETCH_LOCALITY
 #define PEER_PREFETCH_LOCALITY 2
 #endif

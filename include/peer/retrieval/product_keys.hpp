@@ -95,8 +95,8 @@ class ProductKeyRetrieval {
   /// Scratch of search and backward, owned by the caller (a layer keeps it in its cache).
   struct Workspace {
     std::vector<TileScratch> tiles;  // one per thread
-    RowMatrix<Scalar> rows[2];             // backward: the summed sub-key rows of each side
-    std::vector<char> touched[2];          // backward: which of them some item kept
+    RowMatrix<Scalar> rows[2];       // backward: the summed sub-key rows of each side
+    std::vector<char> touched[2];    // backward: which of them some item kept
     Index fallbacks = 0;             // queries of the last search that needed the exact tie enumeration
     std::vector<Index> thread_fallbacks;  // per-thread counts of the last search
     detail::Bf16SubKeys bf16_keys[2];     // kBFloat16Checked: both sub-key sets, rounded and packed per search
@@ -119,6 +119,13 @@ class ProductKeyRetrieval {
   Index sub_key_rows() const {
     return config_.key_sharing == KeySharing::kPerHead ? config_.num_heads * config_.num_sub_keys
                                                        : config_.num_sub_keys;
+  }
+  /// The sub-key row that expert `id` (of head h) uses on `side`: c_{id / n} (side 0) or c'_{id % n} (side
+  /// 1), at h n with per-head keys. ids are checked in [0, n^2) first, so the division runs on 32 bits.
+  Index sub_key_row(ExpertId id, int side, Index h) const {
+    const auto u = static_cast<std::uint32_t>(id), n = static_cast<std::uint32_t>(config_.num_sub_keys);
+    const Index offset = config_.key_sharing == KeySharing::kPerHead ? h * config_.num_sub_keys : 0;
+    return offset + static_cast<Index>(side == 0 ? u / n : u % n);
   }
   /// Tokens per parallel tile: about 128 query rows per sub-key GEMM. Fixed by H only.
   Index tile_tokens() const { return std::max<Index>(1, 128 / config_.num_heads); }
@@ -217,22 +224,21 @@ class ProductKeyRetrieval {
              MatrixRef<Scalar> scores) const {
     check_search_inputs(params, queries, ids.rows(), ids.cols(), scores.rows(), scores.cols());
     detail::check_ids(ids, num_experts());
-    const Index h_count = num_heads(), k = top_k(), n = num_sub_keys(), half = half_dim(), dk = key_dim();
+    const Index h_count = num_heads(), k = top_k(), half = half_dim(), dk = key_dim();
     const auto left = params.dense(left_);
     const auto right = params.dense(right_);
-    const bool per_head = config_.key_sharing == KeySharing::kPerHead;
     parallel_for(queries.rows(), 64, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
         for (Index h = 0; h < h_count; ++h) {
-          const Index offset = per_head ? h * n : 0;
           for (Index j = 0; j < k; ++j) {
             const ExpertId id = ids(t, h * k + j);
+            const Index a = sub_key_row(id, 0, h), b = sub_key_row(id, 1, h);
             if (checked_scoring()) {
-              scores(t, h * k + j) = detail::recheck_dot(queries.row(t).data() + (h * dk), left.row(offset + id / n).data(), half) +
-                                     detail::recheck_dot(queries.row(t).data() + (h * dk + half), right.row(offset + id % n).data(), half);
+              scores(t, h * k + j) = detail::recheck_dot(queries.row(t).data() + (h * dk), left.row(a).data(), half) +
+                                     detail::recheck_dot(queries.row(t).data() + (h * dk + half), right.row(b).data(), half);
             } else {
-              scores(t, h * k + j) = queries.row(t).segment(h * dk, half).dot(left.row(offset + id / n)) +
-                                     queries.row(t).segment(h * dk + half, half).dot(right.row(offset + id % n));
+              scores(t, h * k + j) = queries.row(t).segment(h * dk, half).dot(left.row(a)) +
+                                     queries.row(t).segment(h * dk + half, half).dot(right.row(b));
             }
           }
         }
@@ -247,7 +253,7 @@ class ProductKeyRetrieval {
   void backward(const Parameters<Scalar>& params, const ConstMatrixRef<Scalar>& queries, const ConstIdMatrixRef& ids,
                 const ConstMatrixRef<Scalar>& dscores, MatrixRef<Scalar> dqueries, Gradients<Scalar>& grads,
                 Workspace& ws) const {
-    const Index b_count = queries.rows(), h_count = num_heads(), k = top_k(), n = num_sub_keys();
+    const Index b_count = queries.rows(), h_count = num_heads(), k = top_k();
     const Index half = half_dim(), dk = key_dim();
     detail::check_shape("queries", queries.rows(), queries.cols(), b_count, h_count * dk);
     detail::check_shape("ids", ids.rows(), ids.cols(), b_count, h_count * k);
@@ -256,18 +262,15 @@ class ProductKeyRetrieval {
     detail::check_ids(ids, num_experts());
     const auto left = params.dense(left_);
     const auto right = params.dense(right_);
-    const bool per_head = config_.key_sharing == KeySharing::kPerHead;
-    const std::uint32_t un = static_cast<std::uint32_t>(n);  // ids are checked in [0, n^2): 32-bit division
     // dq: each token's rows are its own.
     parallel_for(b_count, 64, [&](Index t0, Index t1, int) {
       for (Index t = t0; t < t1; ++t) {
         for (Index h = 0; h < h_count; ++h) {
-          const Index offset = per_head ? h * n : 0;
           for (Index j = 0; j < k; ++j) {
             const Scalar ds = dscores(t, h * k + j);
-            const std::uint32_t id = static_cast<std::uint32_t>(ids(t, h * k + j));
-            dqueries.row(t).segment(h * dk, half) += ds * left.row(offset + static_cast<Index>(id / un));
-            dqueries.row(t).segment(h * dk + half, half) += ds * right.row(offset + static_cast<Index>(id % un));
+            const ExpertId id = ids(t, h * k + j);
+            dqueries.row(t).segment(h * dk, half) += ds * left.row(sub_key_row(id, 0, h));
+            dqueries.row(t).segment(h * dk + half, half) += ds * right.row(sub_key_row(id, 1, h));
           }
         }
       }
@@ -289,11 +292,9 @@ class ProductKeyRetrieval {
       std::fill(touched.begin(), touched.end(), char{0});  // a row is zeroed when first kept: work ~ items
       for (Index t = 0; t < b_count; ++t) {
         for (Index h = 0; h < h_count; ++h) {
-          const Index offset = per_head ? h * n : 0;
           const auto q = queries.row(t).segment(h * dk + side * half, half);
           for (Index j = 0; j < k; ++j) {
-            const std::uint32_t id = static_cast<std::uint32_t>(ids(t, h * k + j));
-            const Index r = offset + static_cast<Index>(side == 0 ? id / un : id % un);
+            const Index r = sub_key_row(ids(t, h * k + j), static_cast<int>(side), h);
             if (touched[static_cast<std::size_t>(r)] == 0) {
               acc.row(r).setZero();
               touched[static_cast<std::size_t>(r)] = 1;
