@@ -20,8 +20,10 @@ if(MODE STREQUAL "find_package")
   set(extra -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
 endif()
 
+# No build type (no optimization): what is tested is how the package is found and linked, and an optimized
+# consumer took a third longer to build (60 s against 44 s for the three modes).
 run(${CMAKE_COMMAND} -S ${CONSUMER_DIR} -B ${WORK_DIR}/consumer-build -G ${GENERATOR}
-    -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DCMAKE_BUILD_TYPE=Release -DMODE=${MODE}
+    -DCMAKE_CXX_COMPILER=${CXX_COMPILER} -DMODE=${MODE}
     -DPEER_SOURCE_DIR=${PEER_SOURCE_DIR} -DEXPECT_MPI=${EXPECT_MPI} ${extra})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer-build)
 run(${WORK_DIR}/consumer-build/consumer)
