@@ -101,8 +101,8 @@ void fill_normal(const CounterRng& rng, std::uint64_t first, std::int64_t count,
 /// its name, not on the order in which tensors were registered.
 inline std::uint64_t stream_of(const std::string& name) {
   std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : name) {
-    h ^= c;
+  for (const char c : name) {
+    h ^= static_cast<unsigned char>(c);  // the byte's value, whatever char's signedness
     h *= 0x100000001b3ULL;
   }
   return h;
