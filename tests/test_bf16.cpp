@@ -383,6 +383,116 @@ TEST(Bf16Tables, AdamAndSgdUpdatesEqualANaivePerRowLoopForEveryRounding) {
   }
 }
 
+// Every upper half of a float with low halves that hit each rounding case, in rows whose length and
+// first column put values in every lane of the vector blocks and the tails; the row functions and the row
+// blocks (in any block order) against the scalar definitions, stochastic with two stream keys.
+TEST(Bf16Rows, EveryUpperHalfRoundsLikeTheDefinitionsInEveryLaneAndTail) {
+  PEER_REQUIRE_PATH();
+  const std::uint32_t lows[] = {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xfffeu, 0xffffu, 0x1234u};
+  std::vector<float> values;
+  for (std::uint32_t hi = 0; hi < 0x10000u; ++hi) {
+    for (std::uint32_t lo : lows) values.push_back(pd::float_from_bits((hi << 16) | lo));
+  }
+  const Index total = static_cast<Index>(values.size());
+  for (const std::uint32_t key : {0x0u, 0xdeadbeefu}) {
+    const pd::RoundingStream stream{key};
+    for (const Index n : {Index{1}, Index{2}, Index{3}, Index{15}, Index{33}, Index{47}, Index{63}, Index{97}}) {
+      for (const std::uint32_t first : {0u, 1u, 2u, 3u, 17u, 31u}) {
+        std::vector<bfloat16> out(static_cast<std::size_t>(n)), outn(static_cast<std::size_t>(n));
+        for (Index start = 0; start + n <= total; start += n) {
+          const float* in = values.data() + start;
+          pd::narrow_row_stochastic(in, out.data(), n, stream, first);
+          if (first == 0) pd::narrow_row_nearest(in, outn.data(), n);
+          for (Index j = 0; j < n; ++j) {
+            const std::uint32_t b = pd::float_bits(in[j]);
+            const std::uint32_t r = pd::rounding_bits(stream, first + static_cast<std::uint32_t>(j));
+            ASSERT_EQ(pd::bf16_bits(out[static_cast<std::size_t>(j)]), ref_stochastic(b, r))
+                << std::hex << "bits 0x" << b << std::dec << " n " << n << " first " << first << " j " << j;
+            if (first == 0) {
+              ASSERT_EQ(pd::bf16_bits(outn[static_cast<std::size_t>(j)]), ref_nearest(b)) << std::hex << "bits 0x" << b;
+            }
+          }
+          if (n > 40 && start > 20000) break;  // long rows: a sample is enough, every lane is hit above
+        }
+      }
+    }
+    // Row blocks: whole rows of 16 k + tail over all of values, blocks stored in reverse order.
+    for (const Index n : {Index{16}, Index{32}, Index{48}, Index{80}, Index{96}, Index{112}}) {
+      for (bool stochastic : {true, false}) {
+        for (Index start = 0; start + n <= total; start += n) {
+          std::vector<bfloat16> row(static_cast<std::size_t>(n));
+          pd::Bf16RowBlocks<float> blocks(row.data(), n, stochastic, stream);
+          for (Index j = n - pd::kRowBlock; j >= 0; j -= pd::kRowBlock) {
+            blocks.store(j, Eigen::Map<const Eigen::Array<float, pd::kRowBlock, 1>>(values.data() + start + j));
+          }
+          for (Index j = 0; j < n; ++j) {
+            const std::uint32_t b = pd::float_bits(values[static_cast<std::size_t>(start + j)]);
+            const std::uint16_t want = stochastic ? ref_stochastic(b, pd::rounding_bits(stream, static_cast<std::uint32_t>(j))) : ref_nearest(b);
+            ASSERT_EQ(pd::bf16_bits(row[static_cast<std::size_t>(j)]), want)
+                << std::hex << "bits 0x" << b << std::dec << " n " << n << " stochastic " << stochastic << " j " << j;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The row-wise rules' mean of g^2 at small widths and around the vector width, float and double,
+// against a double naive loop (one step from zero state, L2 decay, so p enters the sum).
+template <typename S>
+void row_wise_rules_at_small_widths() {
+  for (const Index cols : {Index{1}, Index{2}, Index{3}, Index{15}, Index{16}, Index{17}, Index{31}, Index{33}, Index{63}, Index{64}, Index{65}, Index{79}}) {
+    for (auto rule : {peer::TableOptimizer::kPartialRowWiseAdam, peer::TableOptimizer::kRowWiseAdagrad}) {
+      for (auto storage : {peer::TableStorage::kNative, peer::TableStorage::kBFloat16}) {
+        if (storage == peer::TableStorage::kBFloat16 && !std::is_same<S, float>::value) continue;
+        peer::ParameterLayout l(8);
+        l.add_table("experts", 3, cols, storage);
+        peer::Parameters<S> p(l);
+        peer::Gradients<S> g(l);
+        const peer_test::Mat<S> init = peer_test::random_matrix<S>(3, cols, 2);
+        for (Index r = 0; r < 3; ++r) p.table(peer::TableHandle{0}).write_row(r, init.row(r).data());
+        peer_test::Mat<S> start(3, cols);
+        for (Index r = 0; r < 3; ++r) p.table(peer::TableHandle{0}).read_row(r, start.row(r).data());
+        std::vector<peer::ParamGroup> groups{peer::ParamGroup{"experts", {""}, 0.05, 0.1, peer::LrSchedule(), peer::GroupKinds::kAll}};
+        for (auto& gr : groups) {
+          gr.table_optimizer = rule;
+          gr.bf16_rounding = peer::Bf16Rounding::kNearest;
+        }
+        peer::AdamConfig config{0.9, 0.99, 1e-8, peer::WeightDecay::kL2};
+        peer::Adam<S> adam(l, groups, config);
+        const std::vector<peer::ExpertId> ids{1};
+        const peer_test::Mat<S> grad = peer_test::random_matrix<S>(1, cols, 3);
+        g.zero();
+        g.table(peer::TableHandle{0}).add(ids, grad.data());
+        adam.step(p, g);
+        std::vector<S> got(static_cast<std::size_t>(cols));
+        p.table(peer::TableHandle{0}).read_row(1, got.data());
+        double mean_sq = 0;
+        std::vector<double> gj(static_cast<std::size_t>(cols));
+        for (Index j = 0; j < cols; ++j) {
+          gj[static_cast<std::size_t>(j)] = static_cast<double>(grad(0, j)) + 0.1 * static_cast<double>(start(1, j));
+          mean_sq += gj[static_cast<std::size_t>(j)] * gj[static_cast<std::size_t>(j)];
+        }
+        mean_sq /= static_cast<double>(cols);
+        const double v = rule == peer::TableOptimizer::kRowWiseAdagrad ? mean_sq : 0.01 * mean_sq / (1 - 0.99);
+        for (Index j = 0; j < cols; ++j) {
+          const double step_j = rule == peer::TableOptimizer::kRowWiseAdagrad ? gj[static_cast<std::size_t>(j)]
+                                                                             : 0.1 * gj[static_cast<std::size_t>(j)] / (1 - 0.9);
+          const double want = static_cast<double>(start(1, j)) - 0.05 * step_j / (std::sqrt(v) + 1e-8);
+          const double tol = storage == peer::TableStorage::kBFloat16 ? std::abs(want) / 256 + 1e-6 : std::is_same<S, float>::value ? 1e-5 : 1e-13;
+          ASSERT_NEAR(static_cast<double>(got[static_cast<std::size_t>(j)]), want, tol)
+              << "cols " << cols << " rule " << to_string(rule) << " storage " << static_cast<int>(storage) << " j " << j;
+        }
+      }
+    }
+  }
+}
+TEST(TableState, RowWiseRulesEqualADoubleLoopAtSmallAndOddWidths) {
+  PEER_REQUIRE_PATH();
+  row_wise_rules_at_small_widths<float>();
+  row_wise_rules_at_small_widths<double>();
+}
+
 #if !defined(PEER_TEST_BF16_KERNELS_ONLY)
 // ---- Tables, layers, optimizers and files (portable build only) --------------------------------------
 

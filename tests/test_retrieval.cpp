@@ -239,4 +239,80 @@ TEST(ProductKeys, RejectsBadShapesAndNonFiniteValues) {
   EXPECT_THROW(setup.keys.search(setup.params, q, ids, scores, ws), std::domain_error);
 }
 
+
+// The sub-key gradients against a naive loop (per row, items in ascending order, summed from zero
+// then added once into the gradient), with arbitrary ids (repeats within a token and across heads, rows kept
+// by no item), a non-empty incoming gradient, one workspace reused across configurations and batch sizes,
+// and 1 and 2 threads: bitwise.
+template <typename S>
+void subkey_grads_match_naive_loop() {
+  std::mt19937 gen(5);
+  typename peer::ProductKeyRetrieval<S>::Workspace ws;  // shared by every case below
+  for (int trial = 0; trial < 24; ++trial) {
+    const Index n = 2 + static_cast<Index>(gen() % 9);
+    const Index heads = 1 + static_cast<Index>(gen() % 4);
+    const Index dk = 2 * (1 + static_cast<Index>(gen() % 9));
+    const Index k = 1 + static_cast<Index>(gen() % 5);
+    const auto sharing = trial % 2 ? peer::KeySharing::kShared : peer::KeySharing::kPerHead;
+    RetrievalSetup<S> setup(pk_config(heads, dk, n, k, std::min(n, k), sharing));
+    const Index b = static_cast<Index>(gen() % 37);  // includes 0 sometimes
+    const Mat<S> q = random_matrix<S>(b, heads * dk, static_cast<unsigned>(gen()));
+    const Mat<S> ds = random_matrix<S>(b, heads * k, static_cast<unsigned>(gen()));
+    peer::IdMatrix ids(b, heads * k);
+    // Only a few experts, so rows repeat and many rows stay unused.
+    for (Index i = 0; i < ids.size(); ++i) ids.data()[i] = static_cast<peer::ExpertId>(gen() % std::min<Index>(n * n, 5 + n));
+    const Index rows = setup.keys.sub_key_rows(), half = dk / 2;
+    // Naive oracle.
+    Mat<S> init[2] = {random_matrix<S>(rows, half, 77), random_matrix<S>(rows, half, 78)};
+    Mat<S> want[2] = {init[0], init[1]};
+    for (int side = 0; side < 2; ++side) {
+      for (Index r = 0; r < rows; ++r) {
+        bool kept = false;
+        Mat<S> acc = Mat<S>::Zero(1, half);
+        for (Index t = 0; t < b; ++t) {
+          for (Index h = 0; h < heads; ++h) {
+            for (Index j = 0; j < k; ++j) {
+              const Index id = ids(t, h * k + j);
+              const Index row = (sharing == peer::KeySharing::kPerHead ? h * n : 0) + (side == 0 ? id / n : id % n);
+              if (row != r) continue;
+              kept = true;
+              for (Index c = 0; c < half; ++c) acc(0, c) += ds(t, h * k + j) * q(t, h * dk + side * half + c);
+            }
+          }
+        }
+        if (kept) {
+          for (Index c = 0; c < half; ++c) want[side](r, c) += acc(0, c);
+        }
+      }
+    }
+    for (int threads : {1, 2}) {
+      peer_test::ThreadScope scope(threads);
+#if defined(_OPENMP)
+      ASSERT_EQ(peer_test::library_team_size(), threads) << "the parallel loop must really run on " << threads << " threads";
+#endif
+      peer::Gradients<S> grads(setup.layout);
+      grads.find_dense("sub_keys.left") = init[0];
+      grads.find_dense("sub_keys.right") = init[1];
+      Mat<S> dq = Mat<S>::Zero(b, heads * dk);
+      setup.keys.backward(setup.params, q, ids, ds, dq, grads, ws);
+      const char* names[2] = {"sub_keys.left", "sub_keys.right"};
+      for (int side = 0; side < 2; ++side) {
+        const auto got = grads.find_dense(names[side]);
+        for (Index r = 0; r < rows; ++r) {
+          for (Index c = 0; c < half; ++c) {
+            const S g_rc = got(r, c), w_rc = want[side](r, c);
+            ASSERT_EQ(std::memcmp(&g_rc, &w_rc, sizeof(S)), 0)
+                << "trial " << trial << " threads " << threads << " side " << side << " row " << r << " col " << c
+                << " got " << got(r, c) << " want " << want[side](r, c);
+          }
+        }
+      }
+    }
+  }
+}
+TEST(ProductKeys, SubKeyGradientsEqualANaiveLoopBitForBitWithOneWorkspaceAcrossShapes) {
+  subkey_grads_match_naive_loop<float>();
+  subkey_grads_match_naive_loop<double>();
+}
+
 }  // namespace
